@@ -1,0 +1,5 @@
+"""kvcache: KV-cache-aware routing for LLM inference fleets."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"

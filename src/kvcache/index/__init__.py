@@ -1,0 +1,1 @@
+"""Block index backends behind the narrow `Index` protocol."""

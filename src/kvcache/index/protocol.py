@@ -1,0 +1,64 @@
+"""The narrow `Index` protocol every backend implements (memory, cost-aware, Redis, Valkey).
+
+Semantics (see docs/design.md, "Index"):
+
+* ``add(engine_keys, request_keys, entries)`` writes every entry under every request key. With
+  ``engine_keys`` it also records the engine-to-request mapping by ratio: with
+  ``n = max(len(E), len(R))`` position ``i`` pairs ``E[i*len(E)//n]`` with ``R[i*len(R)//n]``
+  (equal lengths 1:1, more engine keys many:1, more request keys 1:many). Re-adding an entry is
+  idempotent and refreshes recency.
+* ``lookup(request_keys, pods)`` walks the keys from the first one and returns, per key, the
+  entries that match the pod filter, **stopping at the first key without a matching entry**: the
+  result is always a prefix of ``request_keys``. The scorer only ever needs that prefix.
+* ``evict(key, key_type, entries)`` removes exactly those entries. An engine key is resolved to
+  its request keys; its mapping is dropped once all of them are empty. Unknown keys are a no-op.
+* ``clear(pod)`` removes every entry of the pod on every tier and group.
+* ``request_key(engine_key)`` is the last request key mapped to an engine key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+from kvcache.blocks import KeyType, PodEntry
+
+
+@runtime_checkable
+class Index(Protocol):
+    """Where blocks live: request key -> set of pod entries, plus the engine-key map."""
+
+    def add(
+        self,
+        engine_keys: Sequence[int] | None,
+        request_keys: Sequence[int],
+        entries: Iterable[PodEntry],
+    ) -> None:
+        """Record that every entry holds every request key. Raises on empty keys/entries."""
+        ...
+
+    def lookup(
+        self, request_keys: Sequence[int], pods: Collection[str] | None = None
+    ) -> list[frozenset[PodEntry]]:
+        """Entries per key for the longest prefix of keys that has at least one (matching) entry.
+
+        Equal sets may be returned as the same object; callers may rely on identity only as a
+        cache hint, never for correctness.
+        """
+        ...
+
+    def evict(self, key: int, key_type: KeyType, entries: Iterable[PodEntry]) -> None:
+        """Remove exactly these entries from the key (engine keys resolve through the map)."""
+        ...
+
+    def clear(self, pod: str) -> int:
+        """Remove every entry of ``pod``; returns how many (key, entry) pairs were removed."""
+        ...
+
+    def request_key(self, engine_key: int) -> int:
+        """The last request key mapped to ``engine_key``; raises UnknownKeyError if unmapped."""
+        ...
+
+    def statistics(self) -> dict[str, Any]:
+        """Counters and sizes for metrics and ``Indexer.statistics()``."""
+        ...

@@ -1,0 +1,1 @@
+"""Command line, servers and the composition root."""
