@@ -5,11 +5,15 @@ Semantics (see docs/design.md, "Index"):
 * ``add(engine_keys, request_keys, entries)`` writes every entry under every request key. With
   ``engine_keys`` it also records the engine-to-request mapping by ratio: with
   ``n = max(len(E), len(R))`` position ``i`` pairs ``E[i*len(E)//n]`` with ``R[i*len(R)//n]``
-  (equal lengths 1:1, more engine keys many:1, more request keys 1:many). Re-adding an entry is
-  idempotent and refreshes recency.
+  (equal lengths 1:1, more engine keys many:1, more request keys 1:many); the last add wins
+  for an engine key's mapping. Re-adding an entry is idempotent for the index and refreshes
+  recency; ``add`` returns the request keys that already held every given entry, so the write
+  path can count a second physical copy of a block (vLLM stores one hash twice when it
+  recomputes a block) instead of losing the block at its first removal.
 * ``lookup(request_keys, pods)`` walks the keys from the first one and returns, per key, the
   entries that match the pod filter, **stopping at the first key without a matching entry**: the
-  result is always a prefix of ``request_keys``. The scorer only ever needs that prefix.
+  result is always a prefix of ``request_keys``. The scorer only ever needs that prefix. An
+  empty or None ``pods`` means no filter; ``lookup([])`` is ``[]``.
 * ``evict(key, key_type, entries)`` removes exactly those entries. An engine key is resolved to
   its request keys; its mapping is dropped once all of them are empty. Unknown keys are a no-op.
 * ``clear(pod)`` removes every entry of the pod on every tier and group.
@@ -33,8 +37,11 @@ class Index(Protocol):
         engine_keys: Sequence[int] | None,
         request_keys: Sequence[int],
         entries: Iterable[PodEntry],
-    ) -> None:
-        """Record that every entry holds every request key. Raises on empty keys/entries."""
+    ) -> list[int]:
+        """Record that every entry holds every request key; returns the keys that already did.
+
+        Raises IndexOperationError on empty keys or entries.
+        """
         ...
 
     def lookup(

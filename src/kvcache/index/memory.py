@@ -1,0 +1,913 @@
+"""The in-process block index: numpy hash tables plus interned entry sets.
+
+Layout (see docs/index-notes.md for the measurements behind it):
+
+* **Main table** (`SlotTable`): mixed request key -> ``set`` (u32) and ``clock`` (u32), 16 bytes
+  a slot. ``set`` is the id of an interned ``frozenset[PodEntry]``; its top bit (``_MAPPED``)
+  records the identity engine mapping "this key is also an engine key mapped to itself", the
+  common case when engines hash blocks the way we do, so it costs no engine-map row. A row with
+  set id 0 (empty) exists only while that flag keeps the mapping alive.
+* **Entry sets** (`EntrySets`): every distinct entry set gets one id; transitions
+  (set, added entries) and (set, removed entries) are memoised, so a batch add maps each run of
+  equal ids with one dict lookup. Lookup returns the interned frozensets themselves.
+* **Engine table**: mixed engine key -> ``request`` (u64), 16 bytes a slot, for the dual-key
+  fallback. A 1:many mapping keeps the last request key in the row and the whole run, packed,
+  in a side dict. A mapping is as recent as its request key's row.
+* **Recency**: a u32 clock ticks once per operation; adds and lookups stamp the rows they touch.
+  Over the key budget, a batch of old rows (``evict_fraction`` of the capacity, at most 65536)
+  is evicted by `Recency`: exact below 65536 live rows, else a sampled clock threshold and a
+  sweeping hand. An approximate LRU with no per-key list and O(evicted) work per batch.
+"""
+
+from __future__ import annotations
+
+import array
+import sys
+import threading
+from collections.abc import Callable, Collection, Iterable, Sequence
+from typing import Any, NoReturn
+
+import numpy as np
+from numpy.typing import NDArray
+
+from kvcache.blocks import KeyType, PodEntry
+from kvcache.errors import ConfigError, IndexOperationError, InvalidKeyError, UnknownKeyError
+from kvcache.index.table import SlotTable, mix, mix1, round_capacity
+
+_ID_MASK = 0x7FFF_FFFF
+_MAPPED = 0x8000_0000
+_MAX_SET_IDS = _ID_MASK
+_ID_BITS = np.uint32(_ID_MASK)  # the same masks for array expressions (keeps them uint32)
+_FLAG_BIT = np.uint32(_MAPPED)
+_CLOCK_LIMIT = (1 << 32) - 2
+_EXACT_BELOW = 1 << 16  # live rows below which eviction picks the exact oldest
+_SAMPLE = 8192  # slots sampled to estimate the clock threshold of a sweep
+_OLDEST_SHARE = 1 / 32  # a sweep evicts rows among about this share of the oldest
+_MAX_BATCH = 1 << 16  # keys evicted ahead per batch at most (bounds the pause)
+
+MAIN_COLUMNS = {"set": np.uint32, "clock": np.uint32}
+ENGINE_COLUMNS = {"request": np.uint64}
+
+_SET_OVERHEAD = 120  # dict slot + list slots per interned set, on top of the objects' sizes
+_MEMO_ITEM = 160  # key tuple + dict slot of a memoised transition
+Entries = tuple[PodEntry, ...]
+_MULTI_ITEM = 33 + 36 + 40  # bytes header + int key + dict slot of a 1:many run
+
+
+# --------------------------------------------------------------------------- key validation
+
+
+def as_keys(values: Sequence[int], field: str) -> NDArray[np.uint64]:
+    """Block keys as a u64 array; InvalidKeyError names the first value that is not a u64 int."""
+    if isinstance(values, np.ndarray):
+        if values.dtype == np.uint64:
+            return values.ravel()
+        if values.dtype.kind in "iu" and (values.size == 0 or int(values.min()) >= 0):
+            return values.ravel().astype(np.uint64)
+        _raise_bad_key(values.ravel().tolist(), field)
+    if isinstance(values, str | bytes | bytearray | memoryview):
+        raise InvalidKeyError(field, values)
+    try:
+        return np.frombuffer(array.array("Q", values), dtype=np.uint64)
+    except (TypeError, OverflowError, ValueError):
+        _raise_bad_key(values, field)
+
+
+def as_key(value: int, field: str) -> int:
+    """One block key as a Python int (see `as_keys`)."""
+    if isinstance(value, int | np.integer):
+        key = int(value)
+        if 0 <= key < 1 << 64:
+            return key
+    raise InvalidKeyError(field, value)
+
+
+def _raise_bad_key(values: Any, field: str) -> NoReturn:
+    if isinstance(values, Iterable) and not isinstance(values, str | bytes):
+        for v in values:
+            as_key(v, field)
+    raise InvalidKeyError(field, values)
+
+
+def _sized(values: object, n: int) -> bool:
+    """``len(values) == n`` for anything, False for objects without a length."""
+    try:
+        return len(values) == n  # type: ignore[arg-type]
+    except TypeError:
+        return False
+
+
+def _as_entries(entries: Iterable[PodEntry], op: str) -> tuple[PodEntry, ...]:
+    out = tuple(dict.fromkeys(entries))
+    if not out:
+        raise IndexOperationError(f"{op}: no entries given")
+    for e in out:
+        if not isinstance(e, PodEntry):
+            raise IndexOperationError(f"{op}: {e!r} is not a PodEntry")
+    return out
+
+
+# --------------------------------------------------------------------------- interned entry sets
+
+
+class EntrySets:
+    """Interned ``frozenset[PodEntry]`` values behind small integer ids (0 is the empty set).
+
+    With ``limit`` set, a set keeps at most ``limit`` entries: adding one more drops the entry
+    that has been in the set longest, by the order in which the interned set was first formed
+    (re-adding an entry that is already there does not refresh it).
+    """
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        empty: frozenset[PodEntry] = frozenset()
+        self.sets: list[frozenset[PodEntry]] = [empty]
+        self.orders: list[tuple[PodEntry, ...]] = [()]
+        self.sizes: list[int] = [0]
+        self.ids: dict[frozenset[PodEntry], int] = {empty: 0}
+        self.free: list[int] = []
+        self.entries: dict[PodEntry, PodEntry] = {}
+        self._added: dict[tuple[int, tuple[PodEntry, ...]], int] = {}
+        self._removed: dict[tuple[int, frozenset[PodEntry]], int] = {}
+        self.object_bytes = 0
+        self.created = 0
+        """Sets interned since the last `collect`."""
+        self.after_collect = 0
+        """Sets left by the last `collect`."""
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def nbytes(self) -> int:
+        """Estimated bytes of the Python objects held (sets, memo tables, id lists)."""
+        memo = (len(self._added) + len(self._removed)) * _MEMO_ITEM
+        lists = 3 * 8 * len(self.sets) + sys.getsizeof(self.ids)
+        return self.object_bytes + memo + lists + 200 * len(self.entries)
+
+    def canonical(self, entries: tuple[PodEntry, ...]) -> tuple[PodEntry, ...]:
+        """The stored object for each entry, so equal entries share one object."""
+        table = self.entries
+        return tuple(table.setdefault(e, e) for e in entries)
+
+    def with_added(self, sid: int, entries: tuple[PodEntry, ...]) -> int:
+        key = (sid, entries)
+        nid = self._added.get(key)
+        if nid is None:
+            cur = self.sets[sid]
+            new = tuple(e for e in entries if e not in cur)
+            if not new:
+                nid = sid
+            else:
+                order = self.orders[sid] + new
+                if self.limit is not None and len(order) > self.limit:
+                    order = order[-self.limit :]
+                nid = self._intern(order)
+            self._memo(self._added, key, nid)
+        return nid
+
+    def with_removed(self, sid: int, entries: frozenset[PodEntry]) -> int:
+        key = (sid, entries)
+        nid = self._removed.get(key)
+        if nid is None:
+            cur = self.sets[sid]
+            nid = (
+                sid
+                if cur.isdisjoint(entries)
+                else self._intern(tuple(e for e in self.orders[sid] if e not in entries))
+            )
+            self._memo(self._removed, key, nid)
+        return nid
+
+    def without_pod(self, pod: str) -> dict[int, int]:
+        """{id: id without the pod's entries} for every live set holding an entry of ``pod``."""
+        out: dict[int, int] = {}
+        for fs, sid in list(self.ids.items()):
+            if any(e.pod == pod for e in fs):
+                out[sid] = self._intern(tuple(e for e in self.orders[sid] if e.pod != pod))
+        return out
+
+    def _memo(self, table: dict[Any, int], key: Any, nid: int) -> None:
+        if len(table) > 4 * len(self.ids) + 65536:
+            table.clear()  # ids stay valid; only the shortcut is lost
+        table[key] = nid
+
+    def _intern(self, order: tuple[PodEntry, ...]) -> int:
+        fs = frozenset(order)
+        sid = self.ids.get(fs)
+        if sid is not None:
+            return sid
+        if self.free:
+            sid = self.free.pop()
+            self.sets[sid], self.orders[sid], self.sizes[sid] = fs, order, len(fs)
+        else:
+            sid = len(self.sets)
+            if sid > _MAX_SET_IDS:
+                raise IndexOperationError("too many distinct entry sets")
+            self.sets.append(fs)
+            self.orders.append(order)
+            self.sizes.append(len(fs))
+        self.ids[fs] = sid
+        self.created += 1
+        self.object_bytes += sys.getsizeof(fs) + sys.getsizeof(order) + _SET_OVERHEAD
+        return sid
+
+    def collect(self, in_use: NDArray[np.bool_]) -> int:
+        """Free every set whose id is not ``in_use`` (id 0 stays); returns how many were freed."""
+        freed = self.release(
+            [sid for sid, fs in enumerate(self.sets) if sid and fs and not in_use[sid]]
+        )
+        live_entries = {e for fs in self.ids for e in fs}
+        self.entries = {e: e for e in self.entries if e in live_entries}
+        self.created = 0
+        self.after_collect = len(self.ids)
+        return freed
+
+    def release(self, ids: Iterable[int]) -> int:
+        """Free these ids, known to be unused by any key; returns how many were freed."""
+        empty: frozenset[PodEntry] = frozenset()
+        freed = 0
+        for sid in ids:
+            fs = self.sets[sid]
+            if not sid or not fs:
+                continue
+            del self.ids[fs]
+            self.object_bytes -= sys.getsizeof(fs) + sys.getsizeof(self.orders[sid]) + _SET_OVERHEAD
+            self.sets[sid], self.orders[sid], self.sizes[sid] = empty, (), 0
+            self.free.append(sid)
+            freed += 1
+        if freed:  # the memo tables may name freed ids
+            self._added.clear()
+            self._removed.clear()
+        return freed
+
+
+# --------------------------------------------------------------------------- recency
+
+
+class Recency:
+    """Approximate-LRU victim selection over one table.
+
+    Small tables get the exact oldest rows. Large ones estimate a clock threshold from a random
+    sample (the ``q``-quantile, q ~ 2k/live clamped to [1/32, 1/2]) and sweep a hand over the
+    slots from where the last sweep stopped, taking live rows at or below it: cost proportional
+    to the rows evicted, no per-key list, and victims drawn from the oldest few percent.
+    """
+
+    def __init__(
+        self, table: SlotTable, clocks: Callable[[NDArray[np.intp]], NDArray[np.uint32]], seed: int
+    ) -> None:
+        self.table = table
+        self.clocks = clocks
+        self.hand = 0
+        self.rng = np.random.default_rng(seed)
+
+    def oldest(self, k: int, now: int) -> NDArray[np.intp]:
+        """About the ``k`` least recent live slots, never one whose clock is ``now``."""
+        table = self.table
+        if k <= 0 or not table.live:
+            return np.empty(0, dtype=np.intp)
+        if table.live <= _EXACT_BELOW or 4 * k >= table.live:
+            return self._exact(k, now)
+        q = min(0.5, max(_OLDEST_SHARE, 2 * k / table.live))
+        # sweep in steps sized to find k victims at density q (whole chunks would overshoot)
+        step = int(np.clip(2 * k * table.cap / (q * table.live), 4096, table.scan_chunk))
+        got = self._sweep(k, self._threshold(q, now), now, step)
+        if got.size < k:  # the sample underestimated: widen, then take anything not current
+            got = self._sweep(k, self._threshold(min(1.0, 4 * q), now), now, step)
+        if got.size < k:
+            got = self._sweep(k, now - 1, now, step)
+        return got
+
+    def _exact(self, k: int, now: int) -> NDArray[np.intp]:
+        slots: NDArray[np.intp] = np.concatenate(list(self.table.iter_live()))
+        c = self.clocks(slots).astype(np.int64)
+        slots = slots[c != now]
+        c = c[c != now]
+        if k < slots.size:
+            slots = slots[np.argpartition(c, k - 1)[:k]]
+        return slots
+
+    def _threshold(self, q: float, now: int) -> int:
+        table = self.table
+        idx = self.rng.integers(0, table.cap, size=min(table.cap, _SAMPLE))
+        idx = idx[table.keys[idx] >= 2]
+        c = self.clocks(idx)
+        c = c[c != now]
+        if c.size < 64:
+            return now - 1
+        j = int(q * (c.size - 1))
+        return int(np.partition(c, j)[j])
+
+    def _sweep(self, k: int, threshold: int, now: int, chunk: int) -> NDArray[np.intp]:
+        table = self.table
+        cap = table.cap
+        pos = self.hand if self.hand < cap else 0
+        out: list[NDArray[np.intp]] = []
+        n = scanned = 0
+        while scanned < cap and n < k:
+            hi = min(pos + chunk, cap)
+            live = (table.keys[pos:hi] >= 2).nonzero()[0] + pos
+            scanned += hi - pos
+            pos = hi % cap
+            if not live.size:
+                continue
+            c = self.clocks(live)
+            picked = live[(c <= threshold) & (c != now)][: k - n]
+            if picked.size:
+                out.append(picked)
+                n += picked.size
+                if n >= k:
+                    pos = int(picked[-1]) + 1
+        self.hand = pos
+        return np.concatenate(out) if out else np.empty(0, dtype=np.intp)
+
+
+# --------------------------------------------------------------------------- the index
+
+
+class TableIndex:
+    """The shared engine of `MemoryIndex` and `CostAwareIndex` (see the module docstring).
+
+    Thread-safe: one lock serialises every operation. Operations are short and vectorised, so
+    the intended use is one writer per pod shard plus concurrent readers; `clear` and capacity
+    evictions scan the table and hold the lock for their duration.
+    """
+
+    backend = "table"
+
+    def __init__(
+        self,
+        main: SlotTable,
+        engine: SlotTable,
+        *,
+        max_keys: int,
+        max_engine_keys: int,
+        pod_cache_size: int | None,
+        evict_fraction: float,
+    ) -> None:
+        if pod_cache_size is not None and pod_cache_size < 1:
+            raise ConfigError("pod_cache_size", f"must be >= 1 or None, got {pod_cache_size}")
+        if not 0.0 <= evict_fraction <= 0.5:
+            raise ConfigError("evict_fraction", f"must be in [0, 0.5], got {evict_fraction}")
+        self._lock = threading.Lock()
+        self._main = main
+        self._engine = engine
+        self._main_recency = Recency(main, self._row_clocks, seed=1)
+        self._engine_recency = Recency(engine, self._mapping_clocks, seed=2)
+        self._sets = EntrySets(pod_cache_size)
+        self._multi: dict[int, bytes] = {}
+        self._multi_bytes = 0
+        self._max_keys = max_keys
+        self._max_engine_keys = max_engine_keys
+        self._evict_fraction = evict_fraction
+        self._now = 1
+        self._pairs = 0
+        self._identity_used = False
+        self._gc_floor = 4096
+        self._counters = {
+            "adds": 0,
+            "lookups": 0,
+            "evicts": 0,
+            "clears": 0,
+            "evicted_keys": 0,
+            "evicted_mappings": 0,
+            "set_collections": 0,
+        }
+
+    @property
+    def _set_col(self) -> NDArray[np.uint32]:
+        """The main table's set-id column (re-read: growth reallocates the arrays)."""
+        return self._main.cols["set"]  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------ protocol
+
+    def add(
+        self,
+        engine_keys: Sequence[int] | None,
+        request_keys: Sequence[int],
+        entries: Iterable[PodEntry],
+    ) -> list[int]:
+        ents = _as_entries(entries, "add")
+        if _sized(request_keys, 1) and (engine_keys is None or _sized(engine_keys, 1)):
+            return self._add1(engine_keys, request_keys, ents)
+        r = as_keys(request_keys, "request_keys")
+        if r.size == 0:
+            raise IndexOperationError("add: no request keys given")
+        e = None
+        if engine_keys is not None:
+            e = as_keys(engine_keys, "engine_keys")
+            if e.size == 0:
+                raise IndexOperationError("add: engine_keys is empty (pass None for no mapping)")
+        hr = mix(r)
+        with self._lock:
+            now = self._tick()
+            self._counters["adds"] += 1
+            ents = self._sets.canonical(ents)
+            offset = max(0, r.size - self._max_keys)  # only the newest keys can survive anyway
+            slots, again = self._write(hr[offset:], ents, now)
+            if e is not None:
+                self._map(e, r, slots, offset, now)
+            self._maintain()
+        if again is None:
+            return []
+        repeated: list[int] = r[offset:][again].tolist()
+        return repeated
+
+    def _add1(
+        self, engine_keys: Sequence[int] | None, request_keys: Sequence[int], ents: Entries
+    ) -> list[int]:
+        """`add` of one request key (and at most one engine key) without numpy batches."""
+        r = as_key(request_keys[0], "request_keys")
+        e = None if engine_keys is None else as_key(engine_keys[0], "engine_keys")
+        with self._lock:
+            now = self._tick()
+            self._counters["adds"] += 1
+            slot, again = self._write1(mix1(r), self._sets.canonical(ents), now)
+            if e is not None:
+                self._map1(e, r, slot, now)
+            self._maintain()
+        return [r] if again else []
+
+    def lookup(
+        self, request_keys: Sequence[int], pods: Collection[str] | None = None
+    ) -> list[frozenset[PodEntry]]:
+        wanted = None if not pods else pods if isinstance(pods, set | frozenset) else set(pods)
+        if _sized(request_keys, 1):
+            return self._lookup1(as_key(request_keys[0], "request_keys"), wanted)
+        r = as_keys(request_keys, "request_keys")
+        if r.size == 0:
+            return []
+        hr = mix(r)
+        with self._lock:
+            self._counters["lookups"] += 1
+            slots = self._main.find(hr)
+            ids = self._set_col[slots]
+            if self._identity_used:
+                ids &= _ID_BITS
+            miss = ids == 0
+            if np.count_nonzero(miss):
+                cut = int(miss.argmax())
+                slots, ids = slots[:cut], ids[:cut]
+            if not slots.size:
+                return []
+            self._main.cols["clock"][slots] = self._tick()
+            sets = self._sets.sets
+            first = int(ids[0])
+            if first == int(ids[-1]) and not np.count_nonzero(ids != first):
+                # one entry set for the whole prefix: the common case of a shared prefix
+                if wanted is None:
+                    return [sets[first]] * ids.size
+                return self._filtered([first], wanted) * ids.size
+            if wanted is None:
+                return [sets[i] for i in ids.tolist()]
+            return self._filtered(ids.tolist(), wanted)
+
+    def _lookup1(self, key: int, wanted: Collection[str] | None) -> list[frozenset[PodEntry]]:
+        """`lookup` of a single key without numpy batches."""
+        with self._lock:
+            self._counters["lookups"] += 1
+            slot = self._main.find1(mix1(key))
+            sid = int(self._set_col[slot]) & _ID_MASK if slot >= 0 else 0
+            if not sid:
+                return []
+            self._main.cols["clock"][slot] = self._tick()
+            if wanted is None:
+                return [self._sets.sets[sid]]
+            return self._filtered([sid], wanted)
+
+    def evict(self, key: int, key_type: KeyType, entries: Iterable[PodEntry]) -> None:
+        ents = frozenset(_as_entries(entries, "evict"))
+        k = as_key(key, "key")
+        with self._lock:
+            self._counters["evicts"] += 1
+            h = mix1(k)
+            if key_type is KeyType.REQUEST:
+                self._discard(h, ents)
+            elif key_type is KeyType.ENGINE:
+                self._evict_engine(h, ents)
+            else:  # pragma: no cover - closed enum
+                raise IndexOperationError(f"evict: unknown key type {key_type!r}")
+            self._maintain()
+
+    def clear(self, pod: str) -> int:
+        with self._lock:
+            self._counters["clears"] += 1
+            lut = self._sets.without_pod(pod)
+            if not lut:
+                return 0
+            sets = self._sets
+            n = len(sets.sets)
+            remap = np.arange(n, dtype=np.uint32)
+            touched = np.zeros(n, dtype=np.bool_)
+            dropped = np.zeros(n, dtype=np.int64)
+            for old, new in lut.items():
+                remap[old] = new
+                touched[old] = True
+                dropped[old] = sets.sizes[old] - sets.sizes[new]
+            removed = 0
+            col = self._set_col
+            for chunk in self._main.iter_live():
+                v = col[chunk]
+                ids = v & _ID_BITS
+                hit = touched[ids]
+                if not np.count_nonzero(hit):
+                    continue
+                sl, v, ids = chunk[hit], v[hit], ids[hit]
+                removed += int(dropped[ids].sum())
+                nid = remap[ids]
+                flags = v & _FLAG_BIT
+                col[sl] = nid | flags
+                dead = (nid == 0) & (flags == 0)
+                if np.count_nonzero(dead):
+                    self._main.delete(sl[dead])
+            self._pairs -= removed
+            self._sets.release(lut)  # every row holding these sets was just rewritten
+            self._maintain()
+            return removed
+
+    def request_key(self, engine_key: int) -> int:
+        k = as_key(engine_key, "engine_key")
+        with self._lock:
+            h = mix1(k)
+            es = self._engine.find1(h)
+            if es >= 0:
+                return int(self._engine.cols["request"][es])
+            ms = self._main.find1(h)
+            if ms >= 0 and int(self._set_col[ms]) & _MAPPED:
+                return k
+        raise UnknownKeyError(f"engine key {k} is not mapped to a request key")
+
+    def statistics(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "backend": self.backend,
+                "keys": self._main.live,
+                "entries": self._pairs,
+                "entry_sets": len(self._sets),
+                "engine_keys": self._engine.live,
+                "max_keys": self._max_keys,
+                "max_engine_keys": self._max_engine_keys,
+                "capacity": self._max_keys,
+                "slots": self._main.cap,
+                "engine_slots": self._engine.cap,
+                "bytes": self._nbytes(),
+                **self._counters,
+                "evictions": self._counters["evicted_keys"],
+            }
+
+    # ------------------------------------------------------------------ writes
+
+    def _tick(self) -> int:
+        self._now += 1
+        if self._now >= _CLOCK_LIMIT:
+            # halving keeps the order (ties merge); happens once every 2**31 operations
+            clock = self._main.cols["clock"]
+            np.right_shift(clock, 1, out=clock)
+            self._now >>= 1
+        return self._now
+
+    def _write1(self, h: int, ents: tuple[PodEntry, ...], now: int) -> tuple[int, bool]:
+        """Add ``ents`` to one row; returns its slot and whether they were all there already."""
+        main = self._main
+        slot = main.find1(h)
+        if slot < 0 and main.live + 1 > self._max_keys:
+            self._evict_keys(main.live + 1 - self._max_keys, now)
+        slot, fresh = main.insert1(h, slot)
+        col = self._set_col
+        old = 0 if fresh else int(col[slot])
+        sid = old & _ID_MASK
+        nid = self._sets.with_added(sid, ents)
+        col[slot] = nid | (old & _MAPPED)
+        main.cols["clock"][slot] = now
+        sizes = self._sets.sizes
+        self._pairs += sizes[nid] - sizes[sid]
+        return slot, not fresh and nid == sid
+
+    def _write(
+        self, hr: NDArray[np.uint64], ents: tuple[PodEntry, ...], now: int
+    ) -> tuple[NDArray[np.intp], NDArray[np.bool_] | None]:
+        """Add ``ents`` to every row; returns the slots and, if any, a mask of the rows that
+        already held all of them (vLLM stores a block twice when it recomputes it)."""
+        main = self._main
+        located = main.locate(hr)
+        slots = located[0]
+        found = slots >= 0
+        nfresh = hr.size - int(np.count_nonzero(found))
+        if nfresh and main.live + nfresh > self._max_keys:
+            # the batch's own rows are the newest: never victims
+            main.cols["clock"][slots[found]] = now
+            self._evict_keys(main.live + nfresh - self._max_keys, now)
+        slots, fresh = main.insert(hr, located)
+        col, clock = self._set_col, main.cols["clock"]
+        old = col[slots]
+        old[fresh] = 0
+        ids = old & _ID_BITS if self._identity_used else old
+        new, delta = self._transition(ids, ents)
+        col[slots] = new | (old & _FLAG_BIT) if self._identity_used else new
+        clock[slots] = now
+        if slots.size > 1:
+            ordered = np.sort(slots)
+            if np.count_nonzero(ordered[1:] == ordered[:-1]):
+                delta = self._dedup_delta(slots, ids, new)
+        self._pairs += delta
+        again = (new == ids) & ~fresh
+        return slots, (again if again.any() else None)
+
+    def _transition(
+        self, ids: NDArray[np.uint32], ents: tuple[PodEntry, ...]
+    ) -> tuple[NDArray[np.uint32], int]:
+        """New set ids after adding ``ents`` to each id, and the change in (key, entry) pairs."""
+        sets, sizes = self._sets, self._sets.sizes
+        first, last = int(ids[0]), int(ids[-1])
+        if first == last and int(ids.min()) == int(ids.max()):
+            nid = sets.with_added(first, ents)
+            return np.full(ids.size, nid, dtype=np.uint32), ids.size * (sizes[nid] - sizes[first])
+        # runs of equal ids are the norm (a prefix shared by the same pods): map each run once
+        starts = (ids[1:] != ids[:-1]).nonzero()[0] + 1
+        starts = np.concatenate(([0], starts))
+        lengths = np.diff(np.append(starts, ids.size)).tolist()
+        olds = ids[starts].tolist()
+        news = [sets.with_added(i, ents) for i in olds]
+        delta = sum(
+            (sizes[n] - sizes[o]) * ln for o, n, ln in zip(olds, news, lengths, strict=True)
+        )
+        return np.repeat(np.array(news, dtype=np.uint32), lengths), delta
+
+    def _dedup_delta(
+        self, slots: NDArray[np.intp], ids: NDArray[np.uint32], new: NDArray[np.uint32]
+    ) -> int:
+        _, first = np.unique(slots, return_index=True)
+        sizes = self._sets.sizes
+        return sum(
+            sizes[n] - sizes[o]
+            for o, n in zip(ids[first].tolist(), new[first].tolist(), strict=True)
+        )
+
+    def _map(
+        self,
+        e: NDArray[np.uint64],
+        r: NDArray[np.uint64],
+        rslots: NDArray[np.intp],
+        offset: int,
+        now: int,
+    ) -> None:
+        """Record engine -> request keys by the ratio rule; ``rslots[i]`` is row ``r[offset+i]``."""
+        m, nr = e.size, r.size
+        if m >= nr:
+            pos = np.arange(m, dtype=np.intp) if m == nr else (np.arange(m) * nr) // m
+            start, end = pos, pos + 1
+        else:  # 1:many: engine key j gets request keys [ceil(j*nr/m), ceil((j+1)*nr/m))
+            j = np.arange(m + 1, dtype=np.intp)
+            bounds = (j * nr + m - 1) // m
+            start, end = bounds[:-1], bounds[1:]
+        last = end - 1
+        kept = last >= offset  # request keys cut by the key budget have no row to map to
+        if np.count_nonzero(kept) < kept.size:
+            e, start, end, last = e[kept], start[kept], end[kept], last[kept]
+            if not e.size:
+                return
+        target = r[last]
+        single = end - start == 1
+        ident = single & (e == target)
+        col = self._set_col
+        if np.count_nonzero(ident):
+            self._identity_used = True
+            col[rslots[last[ident] - offset]] |= _FLAG_BIT
+            if self._engine.live:
+                self._unmap_engine(mix(e[ident]))
+        other = ~ident
+        if not np.count_nonzero(other):
+            return
+        e, target = e[other], target[other]
+        eh = mix(e)
+        if self._identity_used:
+            self._unmap_identity(eh)
+        engine = self._engine
+        if engine.live + eh.size > self._max_engine_keys:
+            self._evict_mappings(engine.live + eh.size - self._max_engine_keys, now)
+        es, _ = engine.insert(eh)
+        engine.cols["request"][es] = target
+        multi = ~single[other]
+        if self._multi:
+            for h in eh[~multi].tolist():
+                self._unmap_run(h)
+        if np.count_nonzero(multi):
+            s, t = start[other][multi].tolist(), end[other][multi].tolist()
+            for h, a, b in zip(eh[multi].tolist(), s, t, strict=True):
+                self._unmap_run(h)
+                blob = r[a:b].tobytes()
+                self._multi[h] = blob
+                self._multi_bytes += len(blob) + _MULTI_ITEM
+
+    def _map1(self, e: int, r: int, rslot: int, now: int) -> None:
+        """`_map` for one engine key and one request key (at main-table slot ``rslot``)."""
+        eh = mix1(e)
+        engine = self._engine
+        if e == r:
+            self._identity_used = True
+            col = self._set_col
+            col[rslot] = int(col[rslot]) | _MAPPED
+            if engine.live:
+                es = engine.find1(eh)
+                if es >= 0:
+                    engine.delete1(es)
+                    self._unmap_run(eh)
+            return
+        if self._identity_used:
+            self._unmap_identity(np.array([eh], dtype=np.uint64))
+        es = engine.find1(eh)
+        if es < 0 and engine.live + 1 > self._max_engine_keys:
+            self._evict_mappings(engine.live + 1 - self._max_engine_keys, now)
+            es = engine.find1(eh)
+        es, _ = engine.insert1(eh, es)
+        engine.cols["request"][es] = r
+        if self._multi:
+            self._unmap_run(eh)
+
+    def _unmap_engine(self, eh: NDArray[np.uint64]) -> None:
+        es = self._engine.find(eh)
+        es = np.unique(es[es >= 0])
+        if es.size:
+            self._engine.delete(es)
+            if self._multi:
+                for h in eh.tolist():
+                    self._unmap_run(h)
+
+    def _unmap_run(self, h: int) -> None:
+        blob = self._multi.pop(h, None)
+        if blob is not None:
+            self._multi_bytes -= len(blob) + _MULTI_ITEM
+
+    def _unmap_identity(self, eh: NDArray[np.uint64]) -> None:
+        """Clear the identity flag of rows whose key is now mapped elsewhere."""
+        ms = self._main.find(eh)
+        ms = ms[ms >= 0]
+        if not ms.size:
+            return
+        v = self._set_col[ms]
+        flagged = (v & _FLAG_BIT) != 0
+        if not np.count_nonzero(flagged):
+            return
+        ms, v = ms[flagged], v[flagged] & _ID_BITS
+        self._set_col[ms] = v
+        dead = np.unique(ms[v == 0])
+        if dead.size:
+            self._main.delete(dead)
+
+    # ------------------------------------------------------------------ removals
+
+    def _discard(self, h: int, ents: frozenset[PodEntry]) -> None:
+        """Remove ``ents`` from the row of mixed key ``h``; an empty row goes unless flagged."""
+        slot = self._main.find1(h)
+        if slot < 0:
+            return
+        col = self._set_col
+        v = int(col[slot])
+        sid = v & _ID_MASK
+        nid = self._sets.with_removed(sid, ents)
+        if nid == sid:
+            return
+        sizes = self._sets.sizes
+        self._pairs -= sizes[sid] - sizes[nid]
+        if nid == 0 and not v & _MAPPED:
+            self._main.delete1(slot)
+        else:
+            col[slot] = nid | (v & _MAPPED)
+
+    def _is_empty(self, h: int) -> bool:
+        slot = self._main.find1(h)
+        return slot < 0 or not int(self._set_col[slot]) & _ID_MASK
+
+    def _evict_engine(self, h: int, ents: frozenset[PodEntry]) -> None:
+        engine = self._engine
+        es = engine.find1(h)
+        if es >= 0:
+            blob = self._multi.get(h)
+            if blob is None:
+                targets = [int(engine.cols["request"][es])]
+            else:
+                targets = np.frombuffer(blob, dtype=np.uint64).tolist()
+            hs = [mix1(t) for t in targets]
+            for th in hs:
+                self._discard(th, ents)
+            if all(self._is_empty(th) for th in hs):
+                engine.delete1(es)
+                self._unmap_run(h)
+            return
+        slot = self._main.find1(h)
+        if slot >= 0 and int(self._set_col[slot]) & _MAPPED:
+            self._discard(h, ents)
+            slot = self._main.find1(h)
+            if slot >= 0 and not int(self._set_col[slot]) & _ID_MASK:
+                self._main.delete1(slot)  # its only request key is itself: the mapping goes too
+
+    # ------------------------------------------------------------------ bounds
+
+    def _evict_keys(self, need: int, now: int) -> None:
+        """Evict at least ``need`` old keys (plus a batch), never rows stamped ``now``."""
+        main = self._main
+        batch = min(int(self._max_keys * self._evict_fraction), _MAX_BATCH)
+        victims = self._main_recency.oldest(min(need + batch, main.live), now)
+        if not victims.size:
+            return
+        ids = self._set_col[victims] & _ID_BITS
+        sizes = np.asarray(self._sets.sizes, dtype=np.int64)
+        self._pairs -= int(sizes[ids].sum())
+        main.delete(victims)
+        self._counters["evicted_keys"] += victims.size
+
+    def _evict_mappings(self, need: int, now: int) -> None:
+        """Evict old engine mappings: those whose request key is gone or least recently used."""
+        engine = self._engine
+        batch = min(int(self._max_engine_keys * self._evict_fraction), _MAX_BATCH)
+        victims = self._engine_recency.oldest(min(need + batch, engine.live), now)
+        if not victims.size:
+            return
+        if self._multi:
+            for h in engine.mixed_keys(victims).tolist():
+                self._unmap_run(h)
+        engine.delete(victims)
+        self._counters["evicted_mappings"] += victims.size
+
+    def _row_clocks(self, slots: NDArray[np.intp]) -> NDArray[np.uint32]:
+        return self._main.cols["clock"][slots]  # type: ignore[return-value]
+
+    def _mapping_clocks(self, slots: NDArray[np.intp]) -> NDArray[np.uint32]:
+        """A mapping is as recent as its request key's row; 0 when that row is gone."""
+        targets: NDArray[np.uint64] = self._engine.cols["request"][slots]  # type: ignore[assignment]
+        return self._row_clocks(self._main.find(mix(targets)))
+
+    def _maintain(self) -> None:
+        """Garbage-collect unused entry sets once as many were created as the last run left."""
+        sets = self._sets
+        if sets.created > max(self._gc_floor, sets.after_collect):
+            self._collect_sets()
+
+    def _collect_sets(self) -> None:
+        in_use = np.zeros(len(self._sets.sets), dtype=np.bool_)
+        in_use[0] = True
+        for chunk in self._main.iter_live():
+            in_use[self._set_col[chunk] & _ID_BITS] = True
+        self._sets.collect(in_use)
+        self._counters["set_collections"] += 1
+
+    def _nbytes(self) -> int:
+        tables = self._main.nbytes + self._engine.nbytes
+        return tables + self._sets.nbytes + self._multi_bytes + sys.getsizeof(self._multi)
+
+    def _filtered(self, ids: list[int], wanted: Collection[str]) -> list[frozenset[PodEntry]]:
+        """Entry sets restricted to ``wanted`` pods, stopping at the first empty one."""
+        sets = self._sets
+        cache: dict[int, frozenset[PodEntry]] = {}
+        out = []
+        for i in ids:
+            fs = cache.get(i)
+            if fs is None:
+                full = sets.sets[i]
+                fs = frozenset(e for e in full if e.pod in wanted)
+                if len(fs) == len(full):
+                    fs = full
+                else:
+                    interned = sets.ids.get(fs)
+                    fs = sets.sets[interned] if interned is not None else fs
+                cache[i] = fs
+            if not fs:
+                break
+            out.append(fs)
+        return out
+
+
+class MemoryIndex(TableIndex):
+    """The default backend: bounded by key count, growing from small.
+
+    ``size`` caps request keys (the approximate-LRU evicts the oldest beyond it), and
+    ``pod_cache_size`` caps entries per key (see `EntrySets` for which one is dropped). The
+    engine-key map holds at most ``engine_map_size`` rows (default: ``size``).
+    """
+
+    backend = "memory"
+
+    def __init__(
+        self,
+        size: int = 100_000_000,
+        pod_cache_size: int | None = 10,
+        *,
+        engine_map_size: int | None = None,
+        evict_fraction: float = 1 / 256,
+        initial_slots: int = 1024,
+    ) -> None:
+        if size < 1:
+            raise ConfigError("size", f"must be >= 1, got {size}")
+        engine_size = size if engine_map_size is None else engine_map_size
+        if engine_size < 1:
+            raise ConfigError("engine_map_size", f"must be >= 1, got {engine_map_size}")
+        start = round_capacity(min(initial_slots, 2 * size))
+        super().__init__(
+            SlotTable(start, MAIN_COLUMNS, "clock"),
+            SlotTable(round_capacity(16), ENGINE_COLUMNS, "request"),
+            max_keys=size,
+            max_engine_keys=engine_size,
+            pod_cache_size=pod_cache_size,
+            evict_fraction=evict_fraction,
+        )

@@ -1,0 +1,5 @@
+"""Public test kit for kvcache users and backend authors.
+
+* `kvcache.testing.conformance` — `IndexConformance`, the behaviour suite every `Index` backend
+  passes (requires pytest; import it from your tests only).
+"""
