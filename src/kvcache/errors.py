@@ -1,4 +1,4 @@
-"""One exception tree: catch `KVCacheError` for everything, or a subclass for what you can act on."""
+"""One exception tree: catch `KVCacheError` for all, or a subclass for what you can act on."""
 
 from __future__ import annotations
 
@@ -37,3 +37,20 @@ class IndexOperationError(KVCacheError):
 
 class UnknownKeyError(IndexOperationError, LookupError):
     """A key the caller asked about is not in the index."""
+
+
+class InvalidBlockHashError(KVCacheError, ValueError):
+    """A block hash from an engine cannot be mapped to a 64-bit key.
+
+    Empty bytes, an int outside [-2**63, 2**64), or a value that is neither int nor bytes. The
+    event decoder never lets this escape: it turns it into a ``bad_hash`` rejection.
+    """
+
+
+class InvalidKeyError(IndexOperationError, ValueError):
+    """A block key is not an int in [0, 2**64); carries the field and the offending value."""
+
+    def __init__(self, field: str, value: object) -> None:
+        super().__init__(f"{field}: {value!r} is not a block key (an int in [0, 2**64))")
+        self.field = field
+        self.value = value

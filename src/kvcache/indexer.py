@@ -1,0 +1,133 @@
+"""The facade: token ids -> block keys -> index lookup -> pod scores. It owns no logic."""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import threading
+import time
+from collections.abc import Collection, Sequence
+from typing import Any
+
+from kvcache.config import Config, IndexConfig
+from kvcache.hashing import KeyScheme, RequestExtras, make_scheme
+from kvcache.index.protocol import Index
+from kvcache.scoring import LongestPrefixScorer
+
+# Prometheus' default histogram bounds (seconds), for lookup latency.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+_FINE_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025)
+
+
+def build_index(config: IndexConfig) -> Index:
+    """The backend the config names (the choice is explicit, never "first non-null")."""
+    if config.backend == "cost_aware":
+        from kvcache.index.cost_aware import CostAwareIndex
+
+        return CostAwareIndex(budget_bytes=config.cost_aware.budget)
+    from kvcache.index.memory import MemoryIndex
+
+    return MemoryIndex(size=config.memory.size, pod_cache_size=config.memory.pod_cache_size)
+
+
+class Indexer:
+    """Scores pods for a prompt by the longest prefix of its blocks that each pod caches.
+
+    >>> indexer = Indexer()
+    >>> indexer.score_tokens(list(range(64)), model="m")
+    {}
+    """
+
+    def __init__(
+        self,
+        config: Config | None = None,
+        *,
+        index: Index | None = None,
+        scheme: KeyScheme | None = None,
+    ) -> None:
+        self.config = config or Config()
+        hashing = self.config.hashing
+        self.scheme = scheme or make_scheme(
+            hashing.scheme,
+            seed=hashing.seed,
+            block_size=hashing.block_size,
+            vllm_version=hashing.vllm_version,
+        )
+        self.index = index if index is not None else build_index(self.config.index)
+        self.scorer = LongestPrefixScorer(self.config.scoring.tier_weights)
+        self._lock = threading.Lock()
+        self._requests = 0
+        self._keys = 0
+        self._blocks_hit = 0
+        self._max_pod_hits = 0
+        # Lookups take microseconds: finer bounds below Prometheus' defaults.
+        self._bounds = _FINE_BUCKETS + LATENCY_BUCKETS
+        self._bucket_counts = [0] * (len(self._bounds) + 1)
+        self._latency_sum = 0.0
+
+    def block_keys(
+        self,
+        token_ids: Sequence[int],
+        model: str = "",
+        *,
+        lora: str | None = None,
+        extra: RequestExtras | None = None,
+    ) -> list[int]:
+        """The block keys the engine computes for these tokens (full blocks only)."""
+        if lora is not None:
+            extra = dataclasses.replace(extra or RequestExtras(), lora_name=lora)
+        return self.scheme.block_keys(token_ids, model=model, extras=extra)
+
+    def score_tokens(
+        self,
+        token_ids: Sequence[int],
+        model: str = "",
+        pods: Collection[str] | None = None,
+        *,
+        lora: str | None = None,
+        extra: RequestExtras | None = None,
+    ) -> dict[str, float]:
+        """Pod -> weighted count of leading blocks cached, for pods holding block 0.
+
+        ``pods`` restricts the candidates (None or empty: all pods). Fewer tokens than one block
+        give ``{}``.
+        """
+        keys = self.block_keys(token_ids, model, lora=lora, extra=extra)
+        if not keys:
+            return {}
+        started = time.perf_counter()
+        hits = self.index.lookup(keys, pods or None)
+        scores = self.scorer.score(hits)
+        elapsed = time.perf_counter() - started
+        with self._lock:
+            self._requests += 1
+            self._keys += len(keys)
+            self._blocks_hit += len(hits)
+            self._max_pod_hits += len(hits)
+            self._bucket_counts[bisect.bisect_left(self._bounds, elapsed)] += 1
+            self._latency_sum += elapsed
+        return scores
+
+    def statistics(self) -> dict[str, Any]:
+        """Read-path counters plus the index backend's statistics."""
+        with self._lock:
+            cumulative = 0
+            buckets: list[tuple[str, float]] = []
+            for bound, count in zip(
+                (*self._bounds, float("inf")), self._bucket_counts, strict=True
+            ):
+                cumulative += count
+                buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+            reads = {
+                "score_requests": self._requests,
+                "block_keys_computed": self._keys,
+                "blocks_hit": self._blocks_hit,
+                "max_pod_hits": self._max_pod_hits,
+                "lookup_latency": {"buckets": buckets, "sum": self._latency_sum},
+            }
+        return {
+            "scheme": self.scheme.name,
+            "block_size": self.scheme.block_size,
+            "read_path": reads,
+            "index": self.index.statistics(),
+        }
