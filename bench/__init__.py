@@ -1,0 +1,1 @@
+"""Benchmarks behind `make bench`: results as JSON in bench/results, a table on stdout."""

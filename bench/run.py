@@ -1,0 +1,157 @@
+"""`make bench`: run every section, write bench/results/latest.json and print a table.
+
+python -m bench.run            # full run (several minutes on 2 cores)
+python -m bench.run --quick    # small sizes, to check the harness itself
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import hashing_bench, scoring_bench
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _probe(*args: str) -> dict[str, Any]:
+    """Run bench.memory_probe in a fresh interpreter so earlier sections do not skew RSS."""
+    output = subprocess.run(
+        [sys.executable, "-m", "bench.memory_probe", *args],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    ).stdout
+    result: dict[str, Any] = json.loads(output.strip().splitlines()[-1])
+    return result
+
+
+def memory(quick: bool) -> dict[str, Any]:
+    """Bytes per (block, pod) pair: kvcache at >= 10M pairs, and Dynamo's tree per block."""
+    big = 200_000 if quick else 10_000_000
+    same = 100_000 if quick else 2_000_000
+    result: dict[str, Any] = {
+        "kvcache_memory_1pod": _probe("kvcache", "--blocks", str(big)),
+        "kvcache_memory_4pods": _probe(
+            "kvcache", "--blocks", str(big // 4), "--pods-per-block", "4"
+        ),
+        "kvcache_cost_aware_1pod": _probe("kvcache-cost-aware", "--blocks", str(big)),
+        "kvcache_memory_same_size_as_dynamo": _probe("kvcache", "--blocks", str(same)),
+    }
+    try:
+        result["dynamo_radix_tree"] = _probe("dynamo", "--blocks", str(same))
+    except subprocess.CalledProcessError as exc:
+        result["dynamo_radix_tree"] = {"error": exc.stderr.strip().splitlines()[-1:]}
+    else:
+        result["dynamo_bytes_per_block_over_kvcache"] = (
+            result["dynamo_radix_tree"]["bytes_per_pair"]
+            / result["kvcache_memory_same_size_as_dynamo"]["bytes_per_pair"]
+        )
+    return result
+
+
+def _table(results: dict[str, Any]) -> str:
+    hashing = results["hashing"]
+    scoring = results["scoring"]
+    mem = results["memory"]
+    rows = [("measure", "value", "vs")]
+    floor = hashing["floor_hashlib_sha256_ms"]
+    rows.append(("hash 8k tokens: hashlib.sha256 floor", f"{floor:.3f} ms", "1.00x"))
+    for name, figure in hashing["schemes"].items():
+        rows.append(
+            (f"hash 8k tokens: {name}", f"{figure['ms']:.3f} ms", f"{figure['x_floor']:.2f}x floor")
+        )
+    rows.append(
+        (
+            "score_tokens 8k (sha256_cbor) p50",
+            f"{scoring['score_tokens_p50_ms']:.3f} ms",
+            "target <= 1 ms",
+        )
+    )
+    rows.append(
+        ("score_tokens 8k (sha256_cbor) p99", f"{scoring['score_tokens_p99_ms']:.3f} ms", "")
+    )
+    rows.append(("lookup+score 512 blocks p50", f"{scoring['lookup_and_score_p50_us']:.1f} us", ""))
+    dynamo = scoring.get("dynamo", {})
+    if "lookup_p50_us" in dynamo:
+        rows.append(
+            (
+                "Dynamo RadixTree find_matches 512 p50",
+                f"{dynamo['lookup_p50_us']:.1f} us",
+                f"kvcache {scoring['lookup_speedup_vs_dynamo']:.2f}x faster",
+            )
+        )
+    for label, key in (
+        ("memory index, 1 pod/block", "kvcache_memory_1pod"),
+        ("memory index, 4 pods/block", "kvcache_memory_4pods"),
+        ("cost-aware index, 1 pod/block", "kvcache_cost_aware_1pod"),
+    ):
+        probe = mem[key]
+        rows.append(
+            (
+                f"bytes/pair, {label} ({probe['pairs']:,} pairs)",
+                f"{probe['bytes_per_pair']:.1f} B",
+                "target <= 64 B",
+            )
+        )
+    if "bytes_per_pair" in mem.get("dynamo_radix_tree", {}):
+        same = mem["kvcache_memory_same_size_as_dynamo"]
+        rows.append(
+            (
+                f"bytes/block, kvcache ({same['pairs']:,} blocks)",
+                f"{same['bytes_per_pair']:.1f} B",
+                "",
+            )
+        )
+        rows.append(
+            (
+                f"bytes/block, Dynamo RadixTree ({mem['dynamo_radix_tree']['pairs']:,} blocks)",
+                f"{mem['dynamo_radix_tree']['bytes_per_pair']:.1f} B",
+                f"kvcache {mem['dynamo_bytes_per_block_over_kvcache']:.2f}x smaller",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    lines = [
+        "| " + " | ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)) + " |"
+        for row in rows
+    ]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    """Run all sections and report."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="small sizes (harness check)")
+    args = parser.parse_args()
+    started = time.time()
+    results: dict[str, Any] = {
+        "machine": {
+            "python": platform.python_version(),
+            "processor": platform.processor() or platform.machine(),
+            "cpus": __import__("os").cpu_count(),
+        },
+        "hashing": hashing_bench.run(repeats=20 if args.quick else 200),
+        "scoring": scoring_bench.run(
+            repeats=50 if args.quick else 500,
+            filler_blocks=50_000 if args.quick else scoring_bench.FILLER_BLOCKS,
+        ),
+        "memory": memory(args.quick),
+    }
+    results["seconds"] = time.time() - started
+    RESULTS.mkdir(exist_ok=True)
+    name = "quick.json" if args.quick else "latest.json"
+    (RESULTS / name).write_text(json.dumps(results, indent=2) + "\n")
+    print(_table(results))
+    print(f"\nwritten to bench/results/{name} in {results['seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,426 @@
+"""Decoded events -> index operations, per pod, with the identity fast path and its checks.
+
+A pod whose published hashes our key scheme reproduces is indexed by those hashes directly
+(identity mode): a BlockStored costs one index add, no hashing. Identity is established, and
+re-checked on a sample, by recomputing an event's keys from its token ids. A pod that does not
+match (another algorithm, seed or block size, SGLang) falls back to dual keys: request keys are
+computed from the event's tokens and an engine -> request map resolves parents and removals.
+
+One `EventApplier` serves one ingest shard: every pod is applied by exactly one shard, in
+arrival order, so per-pod state needs no lock. Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvcache.blocks import GPU, KeyType, PodEntry
+from kvcache.errors import KVCacheError, UnknownKeyError
+from kvcache.events.schema import (
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    FrameRejection,
+    Message,
+)
+from kvcache.events.sequence import SequenceTracker, SeqVerdict
+from kvcache.hashing import (
+    HashAlgorithm,
+    KeyScheme,
+    LlmdScheme,
+    SglangScheme,
+    VllmScheme,
+)
+from kvcache.index.protocol import Index
+
+log = logging.getLogger("kvcache.events")
+
+# How many digests of our own chain are kept to continue chains from known parents.
+CHAIN_STATE_LIMIT = 1 << 20
+# In identity mode, re-verify one checkable event in this many.
+REVERIFY_EVERY = 64
+
+
+class HashMode(enum.Enum):
+    """How a pod's events are keyed."""
+
+    UNVERIFIED = "unverified"
+    """No checkable event yet; events are indexed by their hashes until one is checked."""
+    IDENTITY = "identity"
+    """Our scheme reproduces the pod's hashes: its hashes are our keys."""
+    DUAL = "dual"
+    """Hashes differ: request keys from token ids, engine -> request map for the rest."""
+
+
+@dataclass
+class PodState:
+    """Per-pod ingest state (exposed for introspection)."""
+
+    pod: str
+    mode: HashMode = HashMode.UNVERIFIED
+    verified_events: int = 0
+    checkable_seen: int = 0
+    matched_scheme: str | None = None
+    """In dual mode: the vLLM scheme the pod's hashes do match, when one was found."""
+    copies: Counter[tuple[int, PodEntry]] = field(default_factory=Counter)
+    """Extra physical copies of a block beyond the first (vLLM can store one hash twice)."""
+
+
+@dataclass
+class IngestStats:
+    """Monotonic counters of one applier; read by metrics and statistics()."""
+
+    messages: int = 0
+    events_applied: Counter[str] = field(default_factory=Counter)
+    events_rejected: Counter[str] = field(default_factory=Counter)
+    frames_rejected: Counter[str] = field(default_factory=Counter)
+    blocks_stored: int = 0
+    blocks_removed: int = 0
+    clears: int = 0
+    gaps: int = 0
+    resets: int = 0
+    hash_mismatches: int = 0
+    blocks_skipped: Counter[str] = field(default_factory=Counter)
+
+
+class _Chain:
+    """Continue our scheme's chain from a known block: keys plus the state to go on from."""
+
+    def __init__(self, scheme: KeyScheme) -> None:
+        self.scheme = scheme
+        self.states: dict[int, Any] = {}
+
+    def extend(self, tokens: Sequence[int], parent_key: int | None, model: str) -> list[int] | None:
+        """Keys of the full blocks of ``tokens`` after ``parent_key`` (None: chain start).
+
+        Returns None when the parent's chain state is unknown (it cannot be resolved).
+        """
+        scheme = self.scheme
+        parent_state: Any = None
+        if parent_key is not None:
+            parent_state = self.states.get(parent_key)
+            if parent_state is None:
+                return None
+        if isinstance(scheme, VllmScheme):
+            digests = scheme.block_digests(tokens, parent=parent_state, first_block=1)
+            keys = [int.from_bytes(d[-8:], "big") for d in digests]
+            self._remember(keys, digests)
+        elif isinstance(scheme, SglangScheme):
+            digests = scheme.page_digests(tokens, parent=parent_state)
+            keys = [int.from_bytes(d[:8], "big") for d in digests]
+            self._remember(keys, digests)
+        elif isinstance(scheme, LlmdScheme):
+            keys = scheme.chain(tokens, parent=parent_state, model=model)
+            self._remember(keys, keys)
+        else:  # a user-supplied scheme: no chain continuation, only chain starts
+            if parent_key is not None:
+                return None
+            keys = scheme.block_keys(tokens, model=model)
+        return keys
+
+    def _remember(self, keys: Sequence[int], states: Sequence[Any]) -> None:
+        store = self.states
+        if len(store) + len(keys) > CHAIN_STATE_LIMIT:
+            # Drop the oldest half (dicts keep insertion order): cheap, and chains are mostly
+            # continued from recent blocks.
+            for key in list(store)[: len(store) // 2]:
+                del store[key]
+        store.update(zip(keys, states, strict=True))
+
+
+def _candidate_schemes(block_size: int, configured: KeyScheme) -> list[tuple[str, KeyScheme]]:
+    """vLLM schemes worth trying when a pod's hashes do not match ours."""
+    seeds: list[str | None] = [None, "0", "42"]
+    seed = getattr(configured, "seed", None)
+    if isinstance(seed, str) and seed not in seeds:
+        seeds.append(seed)
+    found: list[tuple[str, KeyScheme]] = []
+    for algorithm in HashAlgorithm:
+        for candidate_seed in seeds:
+            if candidate_seed is None and algorithm.value.startswith("xxhash"):
+                continue
+            label = f"{algorithm.value} with seed {candidate_seed or 'vllm-none-hash'!r}"
+            scheme = VllmScheme(algorithm, seed=candidate_seed, block_size=block_size)
+            found.append((label, scheme))
+    found.append(("sglang page hashes", SglangScheme(block_size=block_size)))
+    return found
+
+
+class EventApplier:
+    """Applies decoded messages of the pods of one shard to the index."""
+
+    def __init__(
+        self,
+        index: Index,
+        scheme: KeyScheme,
+        *,
+        dp_rank_in_pod_id: bool = False,
+        on_alarm: Callable[[str, str], None] | None = None,
+    ) -> None:
+        self.index = index
+        self.scheme = scheme
+        self.dp_rank_in_pod_id = dp_rank_in_pod_id
+        self.pods: dict[str, PodState] = {}
+        self.sequences = SequenceTracker()
+        self.stats = IngestStats()
+        self._chain = _Chain(scheme)
+        self._on_alarm = on_alarm
+
+    # -- entry points -------------------------------------------------------------------------
+
+    def apply(self, message: Message | FrameRejection) -> None:
+        """Apply one decoded ZMQ message (or count a rejected one)."""
+        stats = self.stats
+        stats.messages += 1
+        if isinstance(message, FrameRejection):
+            stats.frames_rejected[message.reason] += 1
+            log.warning(
+                "skipped a message: %s (%s) pod=%s seq=%s",
+                message.reason,
+                message.detail,
+                message.pod,
+                message.seq,
+            )
+            if message.pod is not None and message.seq is not None:
+                # The sequence number still counts: a later message must not look like a gap.
+                self._observe_seq(message.pod, None, message.seq, message.pod)
+            return
+        batch = message.batch
+        pod = message.pod
+        if self.dp_rank_in_pod_id and batch.dp_rank is not None:
+            pod = f"{pod}@dp{batch.dp_rank}"
+        self._observe_seq(message.pod, batch.dp_rank, message.seq, pod)
+        for rejection in batch.rejected:
+            stats.events_rejected[rejection.reason] += 1
+            log.warning(
+                "skipped event %d of pod=%s seq=%d: %s (%s)",
+                rejection.index,
+                pod,
+                message.seq,
+                rejection.reason,
+                rejection.detail,
+            )
+        state = self.pods.get(pod)
+        if state is None:
+            state = self.pods[pod] = PodState(pod)
+        model = message.model or ""
+        for event in batch.events:
+            try:
+                if type(event) is BlockStored:
+                    self._stored(state, event, model)
+                    stats.events_applied["BlockStored"] += 1
+                elif type(event) is BlockRemoved:
+                    self._removed(state, event)
+                    stats.events_applied["BlockRemoved"] += 1
+                elif type(event) is AllBlocksCleared:
+                    self._clear(state)
+                    stats.events_applied["AllBlocksCleared"] += 1
+            except KVCacheError as exc:
+                # Input the decoder let through but the index or hashing refuses (e.g. a token
+                # id beyond u32): that event only.
+                stats.events_rejected["unapplicable"] += 1
+                log.warning("event of pod=%s seq=%d not applied: %s", pod, message.seq, exc)
+
+    def forget_pod(self, pod: str) -> int:
+        """Drop everything about a pod (it left the fleet); returns entries removed."""
+        self.pods.pop(pod, None)
+        self.sequences.forget(pod)
+        return self.index.clear(pod)
+
+    # -- sequence -----------------------------------------------------------------------------
+
+    def _observe_seq(self, publisher: str, rank: int | None, seq: int, pod: str) -> None:
+        verdict = self.sequences.observe(publisher, rank, seq)
+        if verdict is SeqVerdict.GAP:
+            self.stats.gaps += 1
+            gap = self.sequences.streams[(publisher, rank)].last_gap
+            log.warning(
+                "pod=%s rank=%s lost batches %s..%s: the index may miss blocks of this pod",
+                publisher,
+                rank,
+                *(gap or (None, None)),
+            )
+        elif verdict is SeqVerdict.RESET:
+            self.stats.resets += 1
+            removed = self.index.clear(pod)
+            state = self.pods.get(pod)
+            if state is not None:
+                state.copies.clear()
+            log.warning(
+                "pod=%s rank=%s restarted (seq went back to %d): cleared %d stale entries",
+                publisher,
+                rank,
+                seq,
+                removed,
+            )
+
+    # -- BlockStored --------------------------------------------------------------------------
+
+    def _stored(self, state: PodState, event: BlockStored, model: str) -> None:
+        hashes = event.block_hashes
+        if not hashes:
+            return
+        entry = PodEntry(state.pod, (event.medium or GPU).lower(), False, event.group_idx)
+        if not event.token_ids:
+            self._tier_update(state, hashes, entry)
+            return
+        if state.mode is not HashMode.DUAL and self._checkable(event):
+            state.checkable_seen += 1
+            if state.mode is HashMode.UNVERIFIED or state.checkable_seen % REVERIFY_EVERY == 0:
+                self._verify(state, event, model)
+        if state.mode is HashMode.DUAL:
+            self._stored_dual(state, event, entry, model)
+            return
+        duplicates = self.index.add(None, hashes, (entry,))
+        self.stats.blocks_stored += len(hashes)
+        if duplicates:
+            copies = state.copies
+            for key in duplicates:
+                copies[(key, entry)] += 1
+
+    def _checkable(self, event: BlockStored) -> bool:
+        """Whether recomputing this event's keys from its tokens is a fair test of identity.
+
+        Events with LoRA or extra keys are never used: vLLM >= 0.31 leaves the LoRA path, which
+        it hashes, out of the event. A block-size mismatch is checkable (it never matches).
+        """
+        if event.lora_name or event.lora_id is not None:
+            return False
+        if event.extra_keys is not None and any(key is not None for key in event.extra_keys):
+            return False
+        if event.block_size and event.block_size != self.scheme.block_size:
+            return True
+        if len(event.token_ids) != len(event.block_hashes) * self.scheme.block_size:
+            return False
+        return event.parent_block_hash is None or event.parent_block_hash in self._chain.states
+
+    def _verify(self, state: PodState, event: BlockStored, model: str) -> None:
+        matches = event.block_size in (0, self.scheme.block_size)
+        if matches:
+            keys = self._chain.extend(event.token_ids, event.parent_block_hash, model)
+            matches = keys is not None and keys == list(event.block_hashes)
+        if matches:
+            state.verified_events += 1
+            if state.mode is HashMode.UNVERIFIED:
+                state.mode = HashMode.IDENTITY
+                log.info("pod=%s publishes %s keys: identity mode", state.pod, self.scheme.name)
+            return
+        self.stats.hash_mismatches += 1
+        state.matched_scheme = self._detect(event)
+        previous = state.mode
+        state.mode = HashMode.DUAL
+        # Whatever was indexed under this pod's hashes lives in another key space: drop it.
+        self.index.clear(state.pod)
+        state.copies.clear()
+        message = (
+            f"pod={state.pod} publishes block hashes that {self.scheme!r} does not reproduce"
+            + (
+                f"; they match vLLM {state.matched_scheme}"
+                if state.matched_scheme
+                else "; no known vLLM scheme matches (random seed? other block size?)"
+            )
+            + f" (event block_size={event.block_size}). Falling back to dual keys"
+            + (" after identity mode." if previous is HashMode.IDENTITY else ".")
+            + " Configure hashing.scheme/seed/block_size to match the engine for the fast path."
+        )
+        log.warning("%s", message)
+        if self._on_alarm is not None:
+            self._on_alarm(state.pod, message)
+
+    def _detect(self, event: BlockStored) -> str | None:
+        if event.parent_block_hash is not None or not event.block_size:
+            return None
+        usable = len(event.token_ids) // event.block_size * event.block_size
+        if usable == 0:
+            return None
+        tokens = event.token_ids[:usable]
+        for label, scheme in _candidate_schemes(event.block_size, self.scheme):
+            try:
+                if scheme.block_keys(tokens) == list(event.block_hashes):
+                    return f"{label}, block size {event.block_size}"
+            except KVCacheError:
+                continue
+        return None
+
+    def _stored_dual(
+        self, state: PodState, event: BlockStored, entry: PodEntry, model: str
+    ) -> None:
+        if not self._checkable_tokens(event):
+            self.stats.blocks_skipped["extra_keys_unsupported"] += len(event.block_hashes)
+            return
+        parent_key: int | None = None
+        if event.parent_block_hash is not None:
+            try:
+                parent_key = self.index.request_key(event.parent_block_hash)
+            except UnknownKeyError:
+                self.stats.blocks_skipped["parent_unknown"] += len(event.block_hashes)
+                return
+        size = self.scheme.block_size
+        usable = len(event.token_ids) // size * size
+        if usable == 0:
+            self.stats.blocks_skipped["partial_block"] += len(event.block_hashes)
+            return
+        keys = self._chain.extend(event.token_ids[:usable], parent_key, event.lora_name or model)
+        if keys is None:
+            self.stats.blocks_skipped["parent_unknown"] += len(event.block_hashes)
+            return
+        duplicates = self.index.add(event.block_hashes, keys, (entry,))
+        self.stats.blocks_stored += len(event.block_hashes)
+        if duplicates and len(keys) == len(event.block_hashes):
+            # Removals name engine keys, so count the extra copies under those.
+            again = set(duplicates)
+            for engine_key, key in zip(event.block_hashes, keys, strict=True):
+                if key in again:
+                    state.copies[(engine_key, entry)] += 1
+
+    @staticmethod
+    def _checkable_tokens(event: BlockStored) -> bool:
+        return not (
+            event.lora_name
+            or (event.extra_keys is not None and any(k is not None for k in event.extra_keys))
+        )
+
+    def _tier_update(self, state: PodState, hashes: Sequence[int], entry: PodEntry) -> None:
+        """A store without tokens (offload tiers): only blocks we already know gain the tier."""
+        if state.mode is HashMode.DUAL:
+            resolved: list[int] = []
+            for engine_key in hashes:
+                try:
+                    resolved.append(self.index.request_key(engine_key))
+                except UnknownKeyError:
+                    self.stats.blocks_skipped["tier_update_unknown"] += 1
+            keys: Sequence[int] = list(dict.fromkeys(resolved))
+        else:
+            keys = hashes
+        if keys:
+            self.index.add(None, keys, (entry,))
+            self.stats.blocks_stored += len(keys)
+
+    # -- BlockRemoved / AllBlocksCleared ------------------------------------------------------
+
+    def _removed(self, state: PodState, event: BlockRemoved) -> None:
+        entry = PodEntry(state.pod, (event.medium or GPU).lower(), False, event.group_idx)
+        key_type = KeyType.ENGINE if state.mode is HashMode.DUAL else KeyType.REQUEST
+        copies = state.copies
+        for key in event.block_hashes:
+            if copies:
+                held = copies.get((key, entry), 0)
+                if held:
+                    # Another physical copy of the same block is still resident on the pod.
+                    if held == 1:
+                        del copies[(key, entry)]
+                    else:
+                        copies[(key, entry)] = held - 1
+                    continue
+            self.index.evict(key, key_type, (entry,))
+        self.stats.blocks_removed += len(event.block_hashes)
+
+    def _clear(self, state: PodState) -> None:
+        self.index.clear(state.pod)
+        state.copies.clear()
+        self.stats.clears += 1

@@ -1,0 +1,591 @@
+"""ZMQ frames -> decoded KV-event batches, for every vLLM (0.9 - 0.33) and SGLang wire layout.
+
+Nothing here raises on bad input: a frame problem yields a `FrameRejection`, a bad event a
+`Rejection` inside an otherwise applied `EventBatch`.
+
+A payload goes down the first of three paths that accepts it; all run msgspec over the whole
+batch in C, so each later path costs one more decode attempt:
+
+1. **Direct.** A peek at the standard header (``[ts float64, [event, ...], rank]``) says the
+   events are maps: decode the batch straight into the model classes. This is every vLLM >= 0.24
+   batch with the default u64 hashes, and needs no Python per event at all.
+2. **Whole batch, converting.** Map events with int64 or bytes hashes (SGLang, raw digests) and
+   array events (vLLM <= 0.23, SGLang <= 0.5.19) decode into wire structs that accept any hash
+   form; a short Python step normalises hashes to u64 and builds the model.
+3. **Per event.** When 1 and 2 fail (a bad event, a map-shaped batch, mixed forms): the batch
+   is decoded with its events left as `msgspec.Raw`, and each event on its own. A failing event
+   is then diagnosed in plain Python to name the offending field; the others are kept.
+
+All three share the struct definitions and the hash conversion, so a valid event decodes to the
+same value whichever path it takes (a property test checks this).
+
+Topic convention ``kv@<pod>@<model>``: after the ``kv@`` prefix the pod id runs to the first
+``@`` and the model is everything after it. Pod ids such as ``10.0.0.7:8000`` never contain
+``@``, while model names may (``org/model@rev``); upstream splits on every ``@`` and loses such
+topics. Any other topic (including vLLM's default ``""``) is used whole as the pod id, with no
+model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Final, TypeAlias, cast
+
+import msgspec
+
+from kvcache.blocks import U64_MASK
+from kvcache.errors import InvalidBlockHashError
+from kvcache.events.schema import (
+    ALL_BLOCKS_CLEARED_TAG,
+    BAD_BATCH,
+    BAD_DELIMITER,
+    BAD_EVENT,
+    BAD_HASH,
+    BAD_PAYLOAD,
+    BAD_SEQ,
+    BAD_TOPIC,
+    BLOCK_REMOVED_TAG,
+    BLOCK_STORED_TAG,
+    FRAME_COUNT,
+    REPLAY_END_SEQ,
+    UNKNOWN_TYPE,
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    Event,
+    EventBatch,
+    FrameRejection,
+    Message,
+    Rejection,
+    ReplayEnd,
+    WireArrayAllBlocksCleared,
+    WireArrayBlockRemoved,
+    WireArrayBlockStored,
+    WireArrayEvent,
+    WireBatchArrayEvents,
+    WireBatchMapEvents,
+    WireBatchModelEvents,
+    WireBatchRawEvents,
+    WireMapAllBlocksCleared,
+    WireMapBatchRawEvents,
+    WireMapBlockRemoved,
+    WireMapBlockStored,
+    WireMapEvent,
+)
+
+__all__ = [
+    "BytesLike",
+    "decode_frames",
+    "decode_payload",
+    "decode_replay_frames",
+    "hash_to_u64",
+    "parse_topic",
+]
+
+BytesLike: TypeAlias = bytes | bytearray | memoryview
+
+_INT64_MIN: Final = -(1 << 63)
+_TOPIC_PREFIX: Final = "kv@"
+_SEQ_LEN: Final = 8
+_DETAIL_LIMIT: Final = 200
+_TOPIC_CACHE_LIMIT: Final = 1024
+_FORM_UNKNOWN: Final = 0
+_FORM_MAP: Final = 1
+_FORM_ARRAY: Final = 2
+
+# Everything msgspec (or a hostile payload) can throw at a decode call. RecursionError covers
+# payloads nested deeper than the interpreter allows.
+_DECODE_ERRORS: Final = (msgspec.MsgspecError, TypeError, ValueError, OverflowError, RecursionError)
+
+_DIRECT_MAP_BATCH: Final = msgspec.msgpack.Decoder(WireBatchModelEvents)
+_WHOLE_MAP_BATCH: Final = msgspec.msgpack.Decoder(WireBatchMapEvents)
+_WHOLE_ARRAY_BATCH: Final = msgspec.msgpack.Decoder(WireBatchArrayEvents)
+_RAW_ARRAY_BATCH: Final = msgspec.msgpack.Decoder(WireBatchRawEvents)
+_RAW_MAP_BATCH: Final = msgspec.msgpack.Decoder(WireMapBatchRawEvents)
+_MAP_EVENT: Final = msgspec.msgpack.Decoder(WireMapEvent)
+_ARRAY_EVENT: Final = msgspec.msgpack.Decoder(WireArrayEvent)
+_GENERIC: Final = msgspec.msgpack.Decoder()
+
+# Parsed topics by raw frame: a pod sends the same topic on every message.
+_topic_cache: dict[bytes, tuple[str, str | None]] = {}
+
+
+# --------------------------------------------------------------------------------------------
+# Hashes and topics
+# --------------------------------------------------------------------------------------------
+
+
+def hash_to_u64(value: int | BytesLike) -> int:
+    """Map a block hash as engines publish it to the unsigned 64-bit key.
+
+    A uint64 is kept, an int64 is reinterpreted in two's complement, bytes give their last 8
+    bytes read big-endian (shorter ones are left-padded with zeros). Raises
+    `InvalidBlockHashError` for empty bytes, ints outside [-2**63, 2**64) and other types.
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        if _INT64_MIN <= value <= U64_MASK:
+            return value & U64_MASK
+        raise InvalidBlockHashError(f"int hash {value} is outside the int64/uint64 range")
+    if isinstance(value, bytes | bytearray | memoryview):
+        if len(value) == 0:
+            raise InvalidBlockHashError("empty bytes hash")
+        return int.from_bytes(value[-8:], "big")
+    raise InvalidBlockHashError(f"a hash must be an int or bytes, not {type(value).__name__}")
+
+
+def parse_topic(topic: str) -> tuple[str, str | None]:
+    """Split a topic into ``(pod, model)``.
+
+    ``kv@<pod>@<model>`` gives the pod up to the first ``@`` after the prefix and the rest as the
+    model (which may itself contain ``@``; an empty model is ``None``). Any other topic, or one
+    with an empty pod, is the pod id as a whole, with model ``None``.
+    """
+    if topic.startswith(_TOPIC_PREFIX):
+        pod, sep, model = topic[len(_TOPIC_PREFIX) :].partition("@")
+        if sep and pod:
+            return pod, model or None
+    return topic, None
+
+
+def _pod_and_model(frame: BytesLike) -> tuple[str, str | None]:
+    # Raises UnicodeDecodeError for a non-UTF-8 topic.
+    key = frame if frame.__class__ is bytes else bytes(frame)
+    parsed = _topic_cache.get(key)
+    if parsed is None:
+        parsed = parse_topic(key.decode())
+        if len(_topic_cache) >= _TOPIC_CACHE_LIMIT:
+            _topic_cache.clear()
+        _topic_cache[key] = parsed
+    return parsed
+
+
+def _u64_list(values: list[Any], field: str) -> list[int]:
+    # `values` holds ints and/or bytes (typed as Any: no runtime cast on the hot path).
+    if not values:
+        return values
+    try:
+        # One C-level pass settles the common cases. All ints: the minimum tells whether any is
+        # negative. All bytes: the minimum is b"" exactly when some digest is empty. Mixed
+        # ints and bytes raise TypeError and take the per-element path.
+        low = min(values)
+    except TypeError:
+        pass
+    else:
+        if low.__class__ is int:
+            return values if low >= 0 else [v & U64_MASK for v in values]
+        if low:
+            return [int.from_bytes(v[-8:], "big") for v in values]
+    converted = []
+    for position, value in enumerate(values):
+        try:
+            converted.append(hash_to_u64(value))
+        except InvalidBlockHashError as exc:
+            raise InvalidBlockHashError(f"{field}[{position}]: {exc}") from None
+    return converted
+
+
+def _parent_u64(value: int | bytes | None) -> int | None:
+    if value is None or (value.__class__ is int and value >= 0):
+        return value
+    try:
+        return hash_to_u64(value)
+    except InvalidBlockHashError as exc:
+        raise InvalidBlockHashError(f"parent_block_hash: {exc}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Wire structs -> decoded model
+# --------------------------------------------------------------------------------------------
+
+
+def _stored(wire: Any) -> BlockStored:
+    # `wire` is a WireMapBlockStored or WireArrayBlockStored (same field names).
+    return BlockStored(
+        _u64_list(wire.block_hashes, "block_hashes"),
+        _parent_u64(wire.parent_block_hash),
+        wire.token_ids,
+        wire.block_size,
+        wire.lora_id,
+        wire.medium,
+        wire.lora_name,
+        wire.extra_keys,
+        wire.group_idx,
+        wire.kv_cache_spec_kind,
+        wire.kv_cache_spec_sliding_window,
+        wire.locality,
+        wire.ownership,
+        wire.session_id,
+        wire.lookahead_token_ids,
+        wire.cache_salt,
+    )
+
+
+def _removed(wire: Any) -> BlockRemoved:
+    # `wire` is a WireMapBlockRemoved or WireArrayBlockRemoved.
+    return BlockRemoved(
+        _u64_list(wire.block_hashes, "block_hashes"),
+        wire.medium,
+        wire.group_idx,
+        wire.locality,
+        wire.ownership,
+    )
+
+
+def _cleared(wire: Any) -> AllBlocksCleared:
+    return AllBlocksCleared()
+
+
+# Wire class -> converter (a dict lookup beats isinstance chains on the hot path). Converters
+# raise InvalidBlockHashError.
+_CONVERTERS: Final[dict[type, Callable[[Any], Event]]] = {
+    WireMapBlockStored: _stored,
+    WireArrayBlockStored: _stored,
+    WireMapBlockRemoved: _removed,
+    WireArrayBlockRemoved: _removed,
+    WireMapAllBlocksCleared: _cleared,
+    WireArrayAllBlocksCleared: _cleared,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Diagnosis of an event the typed decoders refused
+# --------------------------------------------------------------------------------------------
+
+_Check: TypeAlias = Callable[[Any], "str | None"]
+
+
+_MSGPACK_NAMES: Final[dict[type, str]] = {
+    bool: "bool",
+    float: "float",
+    str: "str",
+    bytes: "bytes",
+    list: "array",
+    dict: "map",
+}
+
+
+def _kind(value: Any) -> str:
+    """Describe a generically decoded value the way msgpack would name it."""
+    if value is None:
+        return "nil"
+    if value.__class__ is int:
+        return str(value)
+    cls: type = value.__class__
+    return _MSGPACK_NAMES.get(cls, cls.__name__)
+
+
+def _check_hash(value: Any) -> str | None:
+    if value.__class__ is int or value.__class__ is bytes:
+        return None
+    return f"expected an int or bytes hash, got {_kind(value)}"
+
+
+def _check_optional_hash(value: Any) -> str | None:
+    return None if value is None else _check_hash(value)
+
+
+def _check_uint(value: Any) -> str | None:
+    if value.__class__ is int and value >= 0:
+        return None
+    return f"expected a non-negative int, got {_kind(value)}"
+
+
+def _check_list_of(item: _Check) -> _Check:
+    def check(value: Any) -> str | None:
+        if value.__class__ is not list:
+            return f"expected an array, got {_kind(value)}"
+        for position, element in enumerate(value):
+            problem = item(element)
+            if problem is not None:
+                return f"[{position}] {problem}"
+        return None
+
+    return check
+
+
+def _check_optional(inner: _Check) -> _Check:
+    def check(value: Any) -> str | None:
+        return None if value is None else inner(value)
+
+    return check
+
+
+def _check_int(value: Any) -> str | None:
+    return None if value.__class__ is int else f"expected an int, got {_kind(value)}"
+
+
+def _check_str(value: Any) -> str | None:
+    return None if value.__class__ is str else f"expected a str, got {_kind(value)}"
+
+
+def _check_extra_key_entry(value: Any) -> str | None:
+    if value is None or value.__class__ is list:
+        return None
+    return f"expected an array or nil, got {_kind(value)}"
+
+
+# (field, required, check) in wire order; mirrors the types of the wire structs in schema.py.
+_STORED_CHECKS: Final[tuple[tuple[str, bool, _Check], ...]] = (
+    ("block_hashes", True, _check_list_of(_check_hash)),
+    ("parent_block_hash", True, _check_optional_hash),
+    ("token_ids", True, _check_list_of(_check_uint)),
+    ("block_size", True, _check_uint),
+    ("lora_id", False, _check_optional(_check_int)),
+    ("medium", False, _check_optional(_check_str)),
+    ("lora_name", False, _check_optional(_check_str)),
+    ("extra_keys", False, _check_optional(_check_list_of(_check_extra_key_entry))),
+    ("group_idx", False, _check_optional(_check_uint)),
+    ("kv_cache_spec_kind", False, _check_optional(_check_str)),
+    ("kv_cache_spec_sliding_window", False, _check_optional(_check_int)),
+    ("locality", False, _check_optional(_check_str)),
+    ("ownership", False, _check_optional(_check_str)),
+    ("session_id", False, _check_optional(_check_str)),
+    ("lookahead_token_ids", False, _check_optional(_check_list_of(_check_list_of(_check_uint)))),
+    ("cache_salt", False, _check_optional(_check_str)),
+)
+_REMOVED_CHECKS: Final[tuple[tuple[str, bool, _Check], ...]] = (
+    ("block_hashes", True, _check_list_of(_check_hash)),
+    ("medium", False, _check_optional(_check_str)),
+    ("group_idx", False, _check_optional(_check_uint)),
+    ("locality", False, _check_optional(_check_str)),
+    ("ownership", False, _check_optional(_check_str)),
+)
+_CHECKS_BY_TAG: Final[dict[str, tuple[tuple[str, bool, _Check], ...]]] = {
+    BLOCK_STORED_TAG: _STORED_CHECKS,
+    BLOCK_REMOVED_TAG: _REMOVED_CHECKS,
+}
+
+
+def _clip(text: str, limit: int = _DETAIL_LIMIT) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _diagnose(raw: msgspec.Raw, error: BaseException) -> tuple[str, str]:
+    """Name the reason an event failed typed decoding: the first offending field in wire order.
+
+    Falls back to ``bad_event`` with msgspec's own message when no field check fails (e.g. a
+    map with a non-string key).
+    """
+    fallback = (BAD_EVENT, _clip(f"{type(error).__name__}: {error}"))
+    try:
+        event = _GENERIC.decode(raw)
+    except _DECODE_ERRORS:
+        return fallback
+    tag: Any
+    if event.__class__ is list:
+        if not event or event[0].__class__ is not str:
+            return BAD_EVENT, "array event without a string tag at index 0"
+        tag = event[0]
+    elif event.__class__ is dict:
+        tag = event.get("type")
+        if tag.__class__ is not str:
+            return BAD_EVENT, 'map event without a string "type"'
+    else:
+        return BAD_EVENT, f"event is {_kind(event)}, not an array or map"
+    if tag == ALL_BLOCKS_CLEARED_TAG:
+        return fallback
+    checks = _CHECKS_BY_TAG.get(tag)
+    if checks is None:
+        return UNKNOWN_TYPE, _clip(f"unknown event type {tag!r}")
+    for position, (name, required, check) in enumerate(checks, start=1):
+        if event.__class__ is list:
+            present = position < len(event)
+            value = event[position] if present else None
+        else:
+            present = name in event
+            value = event.get(name)
+        problem = check(value) if present else ("missing" if required else None)
+        if problem is not None:
+            return f"bad_{name}", _clip(f"{name}: {problem}")
+    return fallback
+
+
+# --------------------------------------------------------------------------------------------
+# Batches
+# --------------------------------------------------------------------------------------------
+
+
+def _is_map_header(byte: int) -> bool:
+    return 0x80 <= byte <= 0x8F or byte in {0xDE, 0xDF}
+
+
+def _peek_event_form(payload: BytesLike) -> int:
+    """Form of the first event under a standard header ``[ts f64, [event, ...`` (or unknown)."""
+    try:
+        if (payload[0] != 0x93 and payload[0] != 0x92) or payload[1] != 0xCB:
+            return _FORM_UNKNOWN
+        header = payload[10]
+        if 0x91 <= header <= 0x9F:
+            first = payload[11]
+        elif header == 0xDC:
+            first = payload[13]
+        elif header == 0xDD:
+            first = payload[15]
+        else:
+            return _FORM_UNKNOWN
+    except IndexError:
+        return _FORM_UNKNOWN
+    if _is_map_header(first):
+        return _FORM_MAP
+    if 0x90 <= first <= 0x9F or first in {0xDC, 0xDD}:
+        return _FORM_ARRAY
+    return _FORM_UNKNOWN
+
+
+def _decode_batch(payload: BytesLike) -> EventBatch | tuple[str, str]:
+    form = _peek_event_form(payload)
+    if form == _FORM_MAP:
+        try:
+            direct = _DIRECT_MAP_BATCH.decode(payload)
+        except _DECODE_ERRORS:
+            pass  # int64 / bytes hashes, or a bad event: try the converting paths
+        else:
+            return EventBatch(direct.ts, direct.events, direct.data_parallel_rank, [])
+        decoder: msgspec.msgpack.Decoder[Any] = _WHOLE_MAP_BATCH
+    elif form == _FORM_ARRAY:
+        decoder = _WHOLE_ARRAY_BATCH
+    else:
+        return _decode_batch_per_event(payload)
+    try:
+        whole = decoder.decode(payload)
+    except _DECODE_ERRORS:
+        return _decode_batch_per_event(payload)  # isolate the bad event(s)
+    events: list[Event] = []
+    rejected: list[Rejection] = []
+    convert = _CONVERTERS
+    for index, wire in enumerate(whole.events):
+        try:
+            events.append(convert[wire.__class__](wire))
+        except InvalidBlockHashError as exc:
+            rejected.append(Rejection(index, BAD_HASH, _clip(str(exc))))
+    return EventBatch(whole.ts, events, whole.data_parallel_rank, rejected)
+
+
+def _malformed(error: BaseException) -> tuple[str, str]:
+    if isinstance(error, RecursionError):
+        return BAD_PAYLOAD, "msgpack nested too deeply"
+    return BAD_PAYLOAD, _clip(str(error))
+
+
+def _classify_batch_error(payload: BytesLike, error: msgspec.ValidationError) -> tuple[str, str]:
+    """``bad_batch`` for well-formed msgpack of the wrong shape, else ``bad_payload``.
+
+    Typed decoding stops at the first schema mismatch, before it would notice that the rest is
+    not msgpack at all (random bytes often start with a valid scalar).
+    """
+    try:
+        _GENERIC.decode(payload)
+    except _DECODE_ERRORS as malformed:
+        return _malformed(malformed)
+    return BAD_BATCH, _clip(str(error))
+
+
+def _decode_batch_per_event(payload: BytesLike) -> EventBatch | tuple[str, str]:
+    if len(payload) == 0:
+        return BAD_PAYLOAD, "empty payload"
+    try:
+        if _is_map_header(payload[0]):
+            shaped = _RAW_MAP_BATCH.decode(payload)
+            ts, raws = shaped.ts, shaped.events
+            rank = shaped.data_parallel_rank
+            if rank is None:
+                rank = shaped.attn_dp_rank
+        else:
+            batch = _RAW_ARRAY_BATCH.decode(payload)
+            ts, raws, rank = batch.ts, batch.events, batch.data_parallel_rank
+    except msgspec.ValidationError as exc:
+        return _classify_batch_error(payload, exc)
+    except _DECODE_ERRORS as exc:
+        return _malformed(exc)
+
+    events: list[Event] = []
+    rejected: list[Rejection] = []
+    for index, raw in enumerate(raws):
+        try:
+            decoder = _MAP_EVENT if _is_map_header(memoryview(raw)[0]) else _ARRAY_EVENT
+            wire = decoder.decode(raw)
+        except _DECODE_ERRORS as exc:
+            reason, detail = _diagnose(raw, exc)
+            rejected.append(Rejection(index, reason, detail))
+            continue
+        try:
+            events.append(_CONVERTERS[wire.__class__](wire))
+        except InvalidBlockHashError as exc:
+            rejected.append(Rejection(index, BAD_HASH, _clip(str(exc))))
+    return EventBatch(ts, events, rank, rejected)
+
+
+def _as_buffer(frame: Any) -> BytesLike:
+    # zmq.Frame (copy=False) and other buffer objects: index and slice through a memoryview.
+    if frame.__class__ is bytes or isinstance(frame, bytearray | memoryview):
+        return cast(BytesLike, frame)
+    return memoryview(frame)
+
+
+def decode_payload(payload: BytesLike) -> EventBatch | FrameRejection:
+    """Decode one msgpack batch payload (no topic, no seq)."""
+    result = _decode_batch(_as_buffer(payload))
+    if result.__class__ is EventBatch:
+        return result
+    reason, detail = cast("tuple[str, str]", result)
+    return FrameRejection(reason, detail)
+
+
+# --------------------------------------------------------------------------------------------
+# Frames
+# --------------------------------------------------------------------------------------------
+
+
+def _message(
+    pod: str, model: str | None, seq_frame: BytesLike, payload: BytesLike
+) -> Message | FrameRejection:
+    if len(seq_frame) != _SEQ_LEN:
+        detail = f"seq frame has {len(seq_frame)} bytes, expected {_SEQ_LEN}"
+        return FrameRejection(BAD_SEQ, detail, pod, model)
+    seq = int.from_bytes(seq_frame, "big")
+    result = _decode_batch(payload)
+    if result.__class__ is EventBatch:
+        return Message(pod, model, seq, result)
+    reason, detail = cast("tuple[str, str]", result)
+    return FrameRejection(reason, detail, pod, model, seq)
+
+
+def decode_frames(frames: Sequence[Any]) -> Message | FrameRejection:
+    """Decode a live message ``[topic, seq (8 bytes big-endian), msgpack payload]``.
+
+    ``frames`` items are bytes-like (bytes, bytearray, memoryview, zmq.Frame).
+    """
+    if len(frames) != 3:
+        return FrameRejection(FRAME_COUNT, f"expected 3 frames, got {len(frames)}")
+    try:
+        pod, model = _pod_and_model(_as_buffer(frames[0]))
+    except UnicodeDecodeError:
+        return FrameRejection(BAD_TOPIC, "topic frame is not valid UTF-8")
+    return _message(pod, model, _as_buffer(frames[1]), _as_buffer(frames[2]))
+
+
+def decode_replay_frames(
+    frames: Sequence[Any], topic: str = ""
+) -> Message | ReplayEnd | FrameRejection:
+    """Decode one reply from the replay ROUTER socket, as a DEALER receives it.
+
+    Shapes: ``[b"", topic, seq, payload]`` (vLLM >= 0.26, SGLang >= 0.5.22) and
+    ``[b"", seq, payload]`` (earlier; ``topic`` supplies pod and model, as the reply does not
+    carry them). A seq of 0xffffffffffffffff is the end marker and yields `ReplayEnd`.
+    """
+    if len(frames) not in (3, 4):
+        return FrameRejection(FRAME_COUNT, f"expected 3 or 4 replay frames, got {len(frames)}")
+    buffers = [_as_buffer(frame) for frame in frames]
+    if len(buffers[0]) != 0:
+        return FrameRejection(BAD_DELIMITER, "replay reply does not start with an empty frame")
+    seq_frame, payload = buffers[-2], buffers[-1]
+    if len(seq_frame) == _SEQ_LEN and int.from_bytes(seq_frame, "big") == REPLAY_END_SEQ:
+        return ReplayEnd()
+    if len(buffers) == 3:
+        pod, model = parse_topic(topic)
+    else:
+        try:
+            pod, model = _pod_and_model(buffers[1])
+        except UnicodeDecodeError:
+            return FrameRejection(BAD_TOPIC, "topic frame is not valid UTF-8")
+    return _message(pod, model, seq_frame, payload)
