@@ -44,8 +44,9 @@ class MemoryIndexConfig(_Section, frozen=True):
 
     size: PositiveInt = 100_000_000
     """Maximum number of block keys; the least recently used keys go first beyond it."""
-    pod_cache_size: PositiveInt = 10
-    """Maximum entries (pod, tier, group) per key."""
+    pod_cache_size: PositiveInt = 256
+    """Maximum entries (pod, tier, group) per key. Upstream uses 10, which hides pods that share
+    a hot prefix (a system prompt) in fleets of more than 10 pods."""
 
 
 class CostAwareIndexConfig(_Section, frozen=True):

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
+from typing import NamedTuple
 
 from kvcache.blocks import CPU, GPU, PodEntry
 from kvcache.errors import ConfigError
 
 DEFAULT_TIER_WEIGHTS: Mapping[str, float] = {GPU: 1.0, CPU: 0.8}
+_PROFILE_CACHE_LIMIT = 65_536
+
+
+class _Profile(NamedTuple):
+    pods: frozenset[str]
+    weights: dict[str, float]
+    uniform: float | None
+    """The weight every pod of the set has, when they all have the same one."""
 
 
 class LongestPrefixScorer:
@@ -26,20 +35,34 @@ class LongestPrefixScorer:
             if not weight >= 0.0:  # also rejects NaN
                 raise ConfigError(f"scoring.tier_weights.{tier}", f"must be >= 0, got {weight}")
         self._weights = {tier.lower(): float(w) for tier, w in weights.items()}
+        self._profiles: dict[frozenset[PodEntry], _Profile] = {}
 
     @property
     def tier_weights(self) -> Mapping[str, float]:
         """The effective weights (lower-cased tier names)."""
         return dict(self._weights)
 
-    def _best_weights(self, entries: Collection[PodEntry]) -> dict[str, float]:
+    def _profile(self, entries: Collection[PodEntry]) -> _Profile:
+        """Pods of an entry set, each with the weight of its best tier (memoised per set)."""
+        cacheable = isinstance(entries, frozenset)
+        if cacheable:
+            cached = self._profiles.get(entries)  # type: ignore[arg-type]
+            if cached is not None:
+                return cached
         best: dict[str, float] = {}
         weights = self._weights
         for entry in entries:
             weight = weights.get(entry.tier, 1.0)
             if weight > best.get(entry.pod, -1.0):
                 best[entry.pod] = weight
-        return best
+        values = set(best.values())
+        uniform = values.pop() if len(values) == 1 else None
+        profile = _Profile(frozenset(best), best, uniform)
+        if cacheable:
+            if len(self._profiles) >= _PROFILE_CACHE_LIMIT:
+                self._profiles.clear()
+            self._profiles[entries] = profile  # type: ignore[index]
+        return profile
 
     def score(self, hits: Sequence[Collection[PodEntry]]) -> dict[str, float]:
         """Score a lookup result: ``hits[i]`` are the entries holding block ``i``.
@@ -47,36 +70,46 @@ class LongestPrefixScorer:
         ``hits`` is normally the prefix an `Index.lookup` returned; an empty collection at any
         position ends every pod's run there.
         """
-        if not hits:
+        total = len(hits)
+        if not total:
             return {}
         scores: dict[str, float] = {}
-        active: dict[str, float] = {}
+        # Every pod joins at block 0, so a pod's score is the weight accumulated by all pods
+        # while it was active (``common``) plus its own corrections for blocks where its best
+        # tier weighed differently from the run's uniform weight. A run where nothing drops out
+        # costs one C-level set difference, however many pods are active.
+        common = 0.0
+        extra: dict[str, float] = {}
+        active: set[str] = set()
         index = 0
-        total = len(hits)
-        # Runs of the identical collection object (backends intern equal entry sets) are
-        # scored at once: a long shared prefix costs one step, not one step per block.
         while index < total:
             entries = hits[index]
             run_end = index + 1
             while run_end < total and hits[run_end] is entries:
                 run_end += 1
             length = run_end - index
-            best = self._best_weights(entries)
+            profile = self._profile(entries)
             if index == 0:
-                active = best
-                for pod, weight in best.items():
-                    scores[pod] = weight * length
+                active = set(profile.pods)
             else:
-                for pod in list(active):
-                    held = best.get(pod)
-                    if held is None:
-                        del active[pod]
-                    else:
-                        scores[pod] += held * length
-            if not active:
-                break
+                dropped = active - profile.pods
+                if dropped:
+                    for pod in dropped:
+                        scores[pod] = common + extra.get(pod, 0.0)
+                    active -= dropped
+                    if not active:
+                        break
+            if profile.uniform is not None:
+                common += profile.uniform * length
+            else:
+                for pod in active:
+                    extra[pod] = extra.get(pod, 0.0) + profile.weights[pod] * length
             index = run_end
-        return dict(sorted(scores.items(), key=lambda item: (-item[1], item[0])))
+        for pod in active:
+            scores[pod] = common + extra.get(pod, 0.0)
+        # Rounding hides float noise that depends on how blocks happened to form runs.
+        rounded = [(pod, round(value, 9)) for pod, value in scores.items()]
+        return dict(sorted(rounded, key=lambda item: (-item[1], item[0])))
 
 
 def normalize_scores(

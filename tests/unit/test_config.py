@@ -15,7 +15,7 @@ def test_defaults_are_documented_values() -> None:
     assert config.hashing.block_size == 16
     assert config.index.backend == "memory"
     assert config.index.memory.size == 100_000_000
-    assert config.index.memory.pod_cache_size == 10
+    assert config.index.memory.pod_cache_size == 256
     assert config.scoring.tier_weights == {"gpu": 1.0, "cpu": 0.8}
 
 

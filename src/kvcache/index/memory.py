@@ -891,7 +891,7 @@ class MemoryIndex(TableIndex):
     def __init__(
         self,
         size: int = 100_000_000,
-        pod_cache_size: int | None = 10,
+        pod_cache_size: int | None = 256,
         *,
         engine_map_size: int | None = None,
         evict_fraction: float = 1 / 256,
