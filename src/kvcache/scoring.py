@@ -44,9 +44,9 @@ class LongestPrefixScorer:
 
     def _profile(self, entries: Collection[PodEntry]) -> _Profile:
         """Pods of an entry set, each with the weight of its best tier (memoised per set)."""
-        cacheable = isinstance(entries, frozenset)
-        if cacheable:
-            cached = self._profiles.get(entries)  # type: ignore[arg-type]
+        frozen = entries if isinstance(entries, frozenset) else None
+        if frozen is not None:
+            cached = self._profiles.get(frozen)
             if cached is not None:
                 return cached
         best: dict[str, float] = {}
@@ -58,10 +58,10 @@ class LongestPrefixScorer:
         values = set(best.values())
         uniform = values.pop() if len(values) == 1 else None
         profile = _Profile(frozenset(best), best, uniform)
-        if cacheable:
+        if frozen is not None:
             if len(self._profiles) >= _PROFILE_CACHE_LIMIT:
                 self._profiles.clear()
-            self._profiles[entries] = profile  # type: ignore[index]
+            self._profiles[frozen] = profile
         return profile
 
     def score(self, hits: Sequence[Collection[PodEntry]]) -> dict[str, float]:
