@@ -32,12 +32,14 @@ class KVCacheCollector(Collector):
         index = stats.get("index", {})
         reads = stats.get("read_path", {})
         yield _counter(
-            "kvcache_index_admissions", "Request keys added to the index", index.get("adds", 0)
+            "kvcache_index_admissions",
+            "Request keys added to the index",
+            index.get("admitted_keys", 0),
         )
         yield _counter(
             "kvcache_index_evictions",
-            "Entries removed from the index (events and capacity)",
-            index.get("entries_evicted", 0) + index.get("capacity_evictions", 0),
+            "Evictions: evict calls (one entry each from events) plus keys dropped for capacity",
+            index.get("evicts", 0) + index.get("evicted_keys", 0),
         )
         yield _counter(
             "kvcache_index_lookup_requests", "Index lookups", reads.get("score_requests", 0)

@@ -367,6 +367,7 @@ class TableIndex:
         self._gc_floor = 4096
         self._counters = {
             "adds": 0,
+            "admitted_keys": 0,
             "lookups": 0,
             "evicts": 0,
             "clears": 0,
@@ -403,6 +404,7 @@ class TableIndex:
         with self._lock:
             now = self._tick()
             self._counters["adds"] += 1
+            self._counters["admitted_keys"] += r.size
             ents = self._sets.canonical(ents)
             offset = max(0, r.size - self._max_keys)  # only the newest keys can survive anyway
             slots, again = self._write(hr[offset:], ents, now)
@@ -423,6 +425,7 @@ class TableIndex:
         with self._lock:
             now = self._tick()
             self._counters["adds"] += 1
+            self._counters["admitted_keys"] += 1
             slot, again = self._write1(mix1(r), self._sets.canonical(ents), now)
             if e is not None:
                 self._map1(e, r, slot, now)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 import sys
+from collections.abc import Iterator
+from types import FrameType
 from typing import Any
 
 from kvcache.config import Config
@@ -88,8 +92,23 @@ class Service:
 
 
 def serve(config: Config) -> None:
-    """Run the service until SIGINT/SIGTERM."""
+    """Run the service until SIGINT/SIGTERM, then drain ingest and exit 0."""
     import uvicorn
+
+    class _Server(uvicorn.Server):
+        # uvicorn re-raises the signal after its own shutdown, which would kill the process
+        # before queued events are applied; stop the server ourselves instead.
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            def stop(signum: int, frame: FrameType | None) -> None:
+                self.should_exit = True
+
+            previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
 
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -100,7 +119,7 @@ def serve(config: Config) -> None:
     service = Service(config)
     service.start()
     try:
-        server = uvicorn.Server(
+        server = _Server(
             uvicorn.Config(
                 service.http,
                 host=config.http.host,
