@@ -108,10 +108,10 @@ def test_service_scores_what_a_real_engine_published(service: Service) -> None:
     prompt = requests[-1]["prompt_token_ids"] + requests[-1]["output_token_ids"]
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:  # ingest is asynchronous: wait for the last batch
-        status, metrics = service.request("GET", "/metrics")
-        if f"kvcache_events_messages_received_total {float(sent)}" in metrics.decode():
-            if "kvcache_queue_depth 0.0" in metrics.decode():
-                break
+        text = service.request("GET", "/metrics")[1].decode()
+        received = f"kvcache_events_messages_received_total {float(sent)}" in text
+        if received and "kvcache_queue_depth 0.0" in text:
+            break
         time.sleep(0.1)
     status, body = service.score({"token_ids": prompt, "model": "tiny-llama"})
     assert status == 200
@@ -139,7 +139,7 @@ def test_service_scores_what_a_real_engine_published(service: Service) -> None:
         ("GET", "/nope", None, 404, "/nope"),
     ],
 )
-def test_bad_requests_get_clear_4xx(
+def test_bad_requests_get_clear_4xx(  # noqa: PLR0917 - pytest parameters
     service: Service, method: str, path: str, body: bytes | None, status: int, message: str
 ) -> None:
     got, payload = service.request(method, path, body)

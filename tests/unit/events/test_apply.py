@@ -49,6 +49,11 @@ def score(index: MemoryIndex, tokens: list[int], scheme: VllmScheme = OURS) -> d
     return LongestPrefixScorer().score(index.lookup(scheme.block_keys(tokens)))
 
 
+def mode(applier: EventApplier) -> HashMode:
+    """The pod's mode, read fresh (a function call keeps type narrowing out of the way)."""
+    return applier.pods["p"].mode
+
+
 @pytest.fixture
 def index() -> MemoryIndex:
     return MemoryIndex()
@@ -58,7 +63,7 @@ def test_identity_mode_indexes_published_hashes(index: MemoryIndex) -> None:
     applier = EventApplier(index, OURS)
     applier.apply(message(0, stored(OURS, TOKENS[: 4 * BS])))
     applier.apply(message(1, stored(OURS, TOKENS, start_block=4)))
-    assert applier.pods["p"].mode is HashMode.IDENTITY
+    assert mode(applier) is HashMode.IDENTITY
     assert score(index, TOKENS) == {"p": 8.0}
     assert applier.stats.blocks_stored == 8
     assert index.statistics()["engine_keys"] == 0  # no engine -> request map in identity mode
@@ -116,7 +121,7 @@ def test_dual_mode_with_larger_canonical_block_size_maps_many_to_one(index: Memo
     engine = ENGINE_OTHER_SEED  # block size 16: two engine blocks per request block
     applier = EventApplier(index, ours)
     applier.apply(message(0, stored(engine, TOKENS)))
-    assert applier.pods["p"].mode is HashMode.DUAL
+    assert mode(applier) is HashMode.DUAL
     assert score(index, TOKENS, ours) == {"p": 4.0}
     engine_keys = engine.block_keys(TOKENS)
     applier.apply(message(1, BlockRemoved([engine_keys[5]], "GPU", None)))  # half of block 2
@@ -127,9 +132,9 @@ def test_lora_events_are_never_used_to_verify(index: MemoryIndex) -> None:
     applier = EventApplier(index, OURS)
     lora = stored(ENGINE_OTHER_SEED, TOKENS[:BS], lora_name="adapter")
     applier.apply(message(0, lora))
-    assert applier.pods["p"].mode is HashMode.UNVERIFIED
+    assert mode(applier) is HashMode.UNVERIFIED
     applier.apply(message(1, stored(OURS, TOKENS[: 2 * BS])))
-    assert applier.pods["p"].mode is HashMode.IDENTITY
+    assert mode(applier) is HashMode.IDENTITY
     assert applier.stats.hash_mismatches == 0
 
 
@@ -139,9 +144,9 @@ def test_sampled_reverification_catches_a_changed_hash_space(
     monkeypatch.setattr(apply_module, "REVERIFY_EVERY", 2)
     applier = EventApplier(index, OURS)
     applier.apply(message(0, stored(OURS, TOKENS[:BS])))
-    assert applier.pods["p"].mode is HashMode.IDENTITY
+    assert mode(applier) is HashMode.IDENTITY
     applier.apply(message(1, stored(ENGINE_OTHER_SEED, TOKENS[:BS])))  # second checkable: checked
-    assert applier.pods["p"].mode is HashMode.DUAL
+    assert mode(applier) is HashMode.DUAL
 
 
 def test_store_without_tokens_adds_a_tier_to_known_blocks(index: MemoryIndex) -> None:
