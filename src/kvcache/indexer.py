@@ -58,7 +58,6 @@ class Indexer:
         self._lock = threading.Lock()
         self._requests = 0
         self._keys = 0
-        self._blocks_hit = 0
         self._max_pod_hits = 0
         # Lookups take microseconds: finer bounds below Prometheus' defaults.
         self._bounds = _FINE_BUCKETS + LATENCY_BUCKETS
@@ -96,14 +95,14 @@ class Indexer:
         if not keys:
             return {}
         started = time.perf_counter()
-        hits = self.index.lookup(keys, pods or None)
-        scores = self.scorer.score(hits)
+        runs = self.index.lookup_runs(keys, pods or None)
+        scores = self.scorer.score_runs(runs)
         elapsed = time.perf_counter() - started
         with self._lock:
             self._requests += 1
             self._keys += len(keys)
-            self._blocks_hit += len(hits)
-            self._max_pod_hits += len(hits)
+            hit = sum(length for _, length in runs)
+            self._max_pod_hits += hit
             self._bucket_counts[bisect.bisect_left(self._bounds, elapsed)] += 1
             self._latency_sum += elapsed
         return scores
@@ -121,7 +120,6 @@ class Indexer:
             reads = {
                 "score_requests": self._requests,
                 "block_keys_computed": self._keys,
-                "blocks_hit": self._blocks_hit,
                 "max_pod_hits": self._max_pod_hits,
                 "lookup_latency": {"buckets": buckets, "sum": self._latency_sum},
             }

@@ -36,6 +36,9 @@ class LongestPrefixScorer:
                 raise ConfigError(f"scoring.tier_weights.{tier}", f"must be >= 0, got {weight}")
         self._weights = {tier.lower(): float(w) for tier, w in weights.items()}
         self._profiles: dict[frozenset[PodEntry], _Profile] = {}
+        self._steps: dict[
+            tuple[frozenset[str], frozenset[str]], tuple[frozenset[str], tuple[str, ...]]
+        ] = {}
 
     @property
     def tier_weights(self) -> Mapping[str, float]:
@@ -68,43 +71,54 @@ class LongestPrefixScorer:
         """Score a lookup result: ``hits[i]`` are the entries holding block ``i``.
 
         ``hits`` is normally the prefix an `Index.lookup` returned; an empty collection at any
-        position ends every pod's run there.
+        position ends every pod's run there. Consecutive identical objects form one run.
         """
-        total = len(hits)
-        if not total:
+        runs: list[tuple[Collection[PodEntry], int]] = []
+        previous: Collection[PodEntry] | None = None
+        for entries in hits:
+            if entries is previous:
+                runs[-1] = (entries, runs[-1][1] + 1)
+            else:
+                runs.append((entries, 1))
+                previous = entries
+        return self.score_runs(runs)
+
+    def score_runs(self, runs: Sequence[tuple[Collection[PodEntry], int]]) -> dict[str, float]:
+        """Score a run-length encoded lookup (`Index.lookup_runs`): (entries, blocks) per run."""
+        if not runs:
             return {}
         scores: dict[str, float] = {}
         # Every pod joins at block 0, so a pod's score is the weight accumulated by all pods
         # while it was active (``common``) plus its own corrections for blocks where its best
-        # tier weighed differently from the run's uniform weight. A run where nothing drops out
-        # costs one C-level set difference, however many pods are active.
+        # tier weighed differently from the run's uniform weight. A run costs a dict lookup,
+        # however many pods are active.
         common = 0.0
         extra: dict[str, float] = {}
-        active: set[str] = set()
-        index = 0
-        while index < total:
-            entries = hits[index]
-            run_end = index + 1
-            while run_end < total and hits[run_end] is entries:
-                run_end += 1
-            length = run_end - index
+        active: frozenset[str] = frozenset()
+        steps = self._steps
+        for index, (entries, length) in enumerate(runs):
             profile = self._profile(entries)
             if index == 0:
-                active = set(profile.pods)
-            else:
-                dropped = active - profile.pods
-                if dropped:
-                    for pod in dropped:
-                        scores[pod] = common + extra.get(pod, 0.0)
-                    active -= dropped
-                    if not active:
-                        break
+                active = profile.pods
+            elif active is not profile.pods:
+                # (active pods, pods of this run) -> (still active, dropped out): memoised, as
+                # the same prefixes are scored again and again.
+                step = steps.get((active, profile.pods))
+                if step is None:
+                    step = (active & profile.pods, tuple(active - profile.pods))
+                    if len(steps) >= _PROFILE_CACHE_LIMIT:
+                        steps.clear()
+                    steps[(active, profile.pods)] = step
+                active, dropped = step
+                for pod in dropped:
+                    scores[pod] = common + extra.get(pod, 0.0)
+                if not active:
+                    break
             if profile.uniform is not None:
                 common += profile.uniform * length
             else:
                 for pod in active:
                     extra[pod] = extra.get(pod, 0.0) + profile.weights[pod] * length
-            index = run_end
         for pod in active:
             scores[pod] = common + extra.get(pod, 0.0)
         # Rounding hides float noise that depends on how blocks happened to form runs.

@@ -466,6 +466,39 @@ class TableIndex:
                 return [sets[i] for i in ids.tolist()]
             return self._filtered(ids.tolist(), wanted)
 
+    def lookup_runs(
+        self, request_keys: Sequence[int], pods: Collection[str] | None = None
+    ) -> list[tuple[frozenset[PodEntry], int]]:
+        wanted = None if not pods else pods if isinstance(pods, set | frozenset) else set(pods)
+        r = as_keys(request_keys, "request_keys")
+        if r.size == 0:
+            return []
+        hr = mix(r)
+        with self._lock:
+            self._counters["lookups"] += 1
+            slots = self._main.find(hr)
+            ids = self._set_col[slots]
+            if self._identity_used:
+                ids &= _ID_BITS
+            miss = ids == 0
+            if np.count_nonzero(miss):
+                cut = int(miss.argmax())
+                slots, ids = slots[:cut], ids[:cut]
+            if not slots.size:
+                return []
+            self._main.cols["clock"][slots] = self._tick()
+            # Run boundaries in numpy: the caller never walks the prefix block by block.
+            starts = np.flatnonzero(ids[1:] != ids[:-1]) + 1
+            bounds = [0, *starts.tolist(), int(ids.size)]
+            run_ids = ids[bounds[:-1]].tolist()
+            sets = self._sets.sets
+            if wanted is None:
+                return [(sets[i], bounds[n + 1] - bounds[n]) for n, i in enumerate(run_ids)]
+            runs: list[tuple[frozenset[PodEntry], int]] = []
+            for n, filtered in enumerate(self._filtered(run_ids, wanted)):
+                runs.append((filtered, bounds[n + 1] - bounds[n]))
+            return runs
+
     def _lookup1(self, key: int, wanted: Collection[str] | None) -> list[frozenset[PodEntry]]:
         """`lookup` of a single key without numpy batches."""
         with self._lock:

@@ -54,6 +54,15 @@ class Index(Protocol):
         """
         ...
 
+    def lookup_runs(
+        self, request_keys: Sequence[int], pods: Collection[str] | None = None
+    ) -> list[tuple[frozenset[PodEntry], int]]:
+        """`lookup`, run-length encoded: (entries, number of consecutive keys) per run.
+
+        The scorer works on runs, so a 512-key prefix held by the same pods is one step.
+        """
+        ...
+
     def evict(self, key: int, key_type: KeyType, entries: Iterable[PodEntry]) -> None:
         """Remove exactly these entries from the key (engine keys resolve through the map)."""
         ...

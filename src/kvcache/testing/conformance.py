@@ -73,6 +73,24 @@ class IndexConformance:
         # Only keys holding *every* given entry count as repeats.
         assert index.add(None, [1, 3], [A, B]) == [3]
 
+    def test_lookup_runs_is_lookup_run_length_encoded(self, index: Index) -> None:
+        index.add(None, [1, 2, 3, 4, 5, 6], [A])
+        index.add(None, [1, 2, 3], [B])
+        index.add(None, [5], [B])
+        for pods in (None, ["pod-a"], ["pod-b"], ["pod-a", "pod-b"], ["nobody"]):
+            expanded = [
+                entries
+                for entries, count in index.lookup_runs([1, 2, 3, 4, 5, 6, 7], pods)
+                for _ in range(count)
+            ]
+            assert expanded == index.lookup([1, 2, 3, 4, 5, 6, 7], pods)
+        assert index.lookup_runs([1, 2, 3, 4, 5], None) == [
+            (frozenset({A, B}), 3),
+            (frozenset({A}), 1),
+            (frozenset({A, B}), 1),
+        ]
+        assert index.lookup_runs([], None) == []
+
     def test_add_without_engine_keys(self, index: Index) -> None:
         index.add(None, [11, 12], [A, B])
         assert index.lookup([11, 12]) == sets((A, B), (A, B))
