@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import hashing_bench, scoring_bench
+from bench import hashing_bench, ingest_bench, scoring_bench, tokenization_bench
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -85,7 +85,7 @@ def _table(results: dict[str, Any]) -> str:
             (
                 "Dynamo RadixTree find_matches 512 p50",
                 f"{dynamo['lookup_p50_us']:.1f} us",
-                f"kvcache {scoring['lookup_speedup_vs_dynamo']:.2f}x faster",
+                f"kvcache lookup+score takes {1 / scoring['lookup_speedup_vs_dynamo']:.2f}x this",
             )
         )
     for label, key in (
@@ -117,6 +117,33 @@ def _table(results: dict[str, Any]) -> str:
                 f"kvcache {mem['dynamo_bytes_per_block_over_kvcache']:.2f}x smaller",
             )
         )
+    tok = results.get("tokenization")
+    if tok:
+        for size, figure in tok["tokenizer_overhead"].items():
+            rows.append(
+                (
+                    f"tokenize {size}-token completion",
+                    f"{figure['ours_ms']:.3f} ms",
+                    f"{figure['overhead_ratio']:.2f}x raw tokenizers",
+                )
+            )
+        chat = tok["growing_chat"]
+        rows.append(
+            (
+                f"{chat['turns']}-turn growing chat, prefix store",
+                f"{chat['store_total_ms']:.1f} ms",
+                f"{chat['speedup']:.1f}x faster than fresh, identical={chat['identical_tokens']}",
+            )
+        )
+        score_chat = tok["score_chat_8k"]
+        rows.append(
+            (
+                f"score_chat {score_chat['prompt_tokens']}-token chat p50 / p99",
+                f"{score_chat['p50_ms']:.2f} / {score_chat['p99_ms']:.2f} ms",
+                "",
+            )
+        )
+    rows.extend(_ingest_rows(results.get("ingest")))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     lines = [
         "| " + " | ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)) + " |"
@@ -124,6 +151,56 @@ def _table(results: dict[str, Any]) -> str:
     ]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
+
+
+def _ingest_rows(ingest: dict[str, Any] | None) -> list[tuple[str, str, str]]:
+    if not ingest:
+        return []
+    flow = ingest["ingest"]
+    rates = flow["blocks_per_s"]
+
+    def mops(value: float) -> str:
+        return f"{value / 1e6:.3f} M blocks/s"
+
+    def vs(ratio: float | None, suffix: str = "") -> str:
+        return "" if ratio is None else f"{ratio:.2f}x Dynamo{suffix}"
+
+    rows = [
+        (
+            "ingest: publisher send rate (own process)",
+            mops(flow["publisher_send_blocks_per_s"]),
+            "",
+        ),
+        ("ingest: bare SUB floor (count only)", mops(rates["bare_sub"]), ""),
+    ]
+    if "dynamo" in rates:
+        rows.append(("ingest: Dynamo indexer --threads 1", mops(rates["dynamo"]), "1.00x"))
+    rows += [
+        (
+            "ingest: kvcache identity, 1 shard (default)",
+            mops(rates["kvcache_identity_1_shard"]),
+            vs(flow["identity_1_shard_vs_dynamo"], " (target >= 1.5x)"),
+        ),
+        (
+            "ingest: kvcache identity, 2 shards",
+            mops(rates["kvcache_identity"]),
+            vs(flow["identity_vs_dynamo"]),
+        ),
+        (
+            "ingest: kvcache dual-key (seed mismatch)",
+            mops(rates["kvcache_dual"]),
+            vs(flow["dual_vs_dynamo"]),
+        ),
+    ]
+    load = ingest["scoring_under_load"]["service"]
+    rows.append(
+        (
+            "score_tokens 8k p99 during full-rate ingest",
+            f"{load['load_p99_ms']:.2f} ms",
+            f"{load['p99_load_over_idle']:.1f}x idle p99 ({load['idle_p99_ms']:.2f} ms)",
+        )
+    )
+    return rows
 
 
 def main() -> None:
@@ -144,6 +221,8 @@ def main() -> None:
             filler_blocks=50_000 if args.quick else scoring_bench.FILLER_BLOCKS,
         ),
         "memory": memory(args.quick),
+        "tokenization": tokenization_bench.run(quick=args.quick),
+        "ingest": ingest_bench.run(quick=args.quick),
     }
     results["seconds"] = time.time() - started
     RESULTS.mkdir(exist_ok=True)

@@ -6,13 +6,16 @@ import bisect
 import dataclasses
 import threading
 import time
-from collections.abc import Collection, Sequence
-from typing import Any
+from collections.abc import Collection, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from kvcache.config import Config, IndexConfig
-from kvcache.hashing import KeyScheme, RequestExtras, make_scheme
+from kvcache.hashing import KeyScheme, MMItem, RequestExtras, make_scheme
 from kvcache.index.protocol import Index
 from kvcache.scoring import LongestPrefixScorer
+
+if TYPE_CHECKING:
+    from kvcache.tokenization.text import TextTokenizer, TokenizedPrompt
 
 # Prometheus' default histogram bounds (seconds), for lookup latency.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
@@ -25,6 +28,18 @@ def build_index(config: IndexConfig) -> Index:
         from kvcache.index.cost_aware import CostAwareIndex
 
         return CostAwareIndex(budget_bytes=config.cost_aware.budget)
+    if config.backend == "redis":
+        from kvcache.index.redis import RedisIndex
+
+        r = config.redis
+        return RedisIndex(
+            r.url,
+            timeout=r.timeout_ms / 1000,
+            write_timeout=r.write_timeout_ms / 1000,
+            ttl=r.ttl_seconds,
+            key_prefix=r.key_prefix,
+            backlog_keys=r.backlog_keys,
+        )
     from kvcache.index.memory import MemoryIndex
 
     return MemoryIndex(size=config.memory.size, pod_cache_size=config.memory.pod_cache_size)
@@ -63,6 +78,9 @@ class Indexer:
         self._bounds = _FINE_BUCKETS + LATENCY_BUCKETS
         self._bucket_counts = [0] * (len(self._bounds) + 1)
         self._latency_sum = 0.0
+        self._degraded = 0  # lookups a shared backend answered only in part (server unreachable)
+        self._text: TextTokenizer | None = None
+        self._text_lock = threading.Lock()
 
     def block_keys(
         self,
@@ -100,12 +118,105 @@ class Indexer:
         elapsed = time.perf_counter() - started
         with self._lock:
             self._requests += 1
+            self._degraded += getattr(runs, "degraded", False)
             self._keys += len(keys)
             hit = sum(length for _, length in runs)
             self._max_pod_hits += hit
             self._bucket_counts[bisect.bisect_left(self._bounds, elapsed)] += 1
             self._latency_sum += elapsed
         return scores
+
+    # -- the read path from text (needs kvcache[hf]) ---------------------------------------------
+
+    @property
+    def text(self) -> TextTokenizer:
+        """Text -> vLLM's token ids for ``config.tokenization`` (created on first use)."""
+        with self._text_lock:
+            if self._text is None:
+                from kvcache.tokenization.text import TextTokenizer
+
+                self._text = TextTokenizer(self.config.tokenization)
+            return self._text
+
+    def _score_prompt(
+        self, prompt: TokenizedPrompt, pods: Collection[str] | None
+    ) -> dict[str, float]:
+        return self.score_tokens(
+            prompt.token_ids, prompt.model, pods, lora=prompt.lora, extra=prompt.extras
+        )
+
+    def score(
+        self,
+        prompt: str,
+        model: str,
+        pods: Collection[str] | None = None,
+        *,
+        add_special_tokens: bool = True,
+        truncate_prompt_tokens: int | None = None,
+        cache_salt: str | None = None,
+        mm_items: Sequence[MMItem] = (),
+    ) -> dict[str, float]:
+        """Scores for a /v1/completions text prompt (``model`` may name a LoRA adapter)."""
+        from kvcache.tokenization.text import TokenizedPrompt, Truncation
+
+        text = self.text
+        ids = text.tokenize_completion(
+            prompt,
+            model,
+            add_special_tokens=add_special_tokens,
+            truncation=Truncation(tokens=truncate_prompt_tokens),
+        )
+        lora, extras = text.extras(model, cache_salt=cache_salt, mm_items=mm_items)
+        return self._score_prompt(TokenizedPrompt(ids, text.base_model(model), extras, lora), pods)
+
+    def score_chat(  # noqa: PLR0917 (the issue's positional signature)
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        model: str,
+        pods: Collection[str] | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+        *,
+        continue_final_message: bool = False,
+        documents: Sequence[Mapping[str, str]] | None = None,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+        add_special_tokens: bool = False,
+        truncate_prompt_tokens: int | None = None,
+        cache_salt: str | None = None,
+        mm_items: Sequence[MMItem] = (),
+    ) -> dict[str, float]:
+        """Scores for a chat: rendered with the model's template, tokenized as vLLM does."""
+        from kvcache.tokenization.chat import ChatRequest
+        from kvcache.tokenization.text import TokenizedPrompt, Truncation
+
+        text = self.text
+        request = ChatRequest(
+            messages=messages,
+            tools=tools,
+            documents=documents,
+            chat_template=chat_template,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            chat_template_kwargs=chat_template_kwargs,
+        )
+        ids = text.tokenize_chat(
+            request,
+            model,
+            add_special_tokens=add_special_tokens,
+            truncation=Truncation(tokens=truncate_prompt_tokens),
+        )
+        lora, extras = text.extras(model, cache_salt=cache_salt, mm_items=mm_items)
+        return self._score_prompt(TokenizedPrompt(ids, text.base_model(model), extras, lora), pods)
+
+    def score_request(
+        self, body: Mapping[str, Any], pods: Collection[str] | None = None
+    ) -> dict[str, float]:
+        """Scores for an OpenAI /v1/completions or /v1/chat/completions body (first prompt)."""
+        from kvcache.tokenization.requests import prepare_request
+
+        prompts = prepare_request(body, self.text)
+        return self._score_prompt(prompts[0], pods)
 
     def statistics(self) -> dict[str, Any]:
         """Read-path counters plus the index backend's statistics."""
@@ -119,6 +230,7 @@ class Indexer:
                 buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
             reads = {
                 "score_requests": self._requests,
+                "degraded_lookups": self._degraded,
                 "block_keys_computed": self._keys,
                 "max_pod_hits": self._max_pod_hits,
                 "lookup_latency": {"buckets": buckets, "sum": self._latency_sum},

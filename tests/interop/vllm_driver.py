@@ -72,8 +72,8 @@ def _engine_args(options: argparse.Namespace) -> dict[str, Any]:
 
 def _serve(options: argparse.Namespace, reply: Any) -> None:
     started = time.monotonic()
-    import vllm  # type: ignore[import-not-found, unused-ignore]
-    from tokenizers import Tokenizer  # type: ignore[import-not-found, unused-ignore]
+    import vllm  # type: ignore[import-not-found, import-untyped, unused-ignore]
+    from tokenizers import Tokenizer  # type: ignore[import-not-found, import-untyped, unused-ignore]
 
     imported = time.monotonic()
     llm = vllm.LLM(**_engine_args(options))

@@ -30,7 +30,7 @@ def test_round_trip_through_plain_data() -> None:
         ({"hashing": {"block_size": 0}}, "$.hashing.block_size"),
         ({"hashing": {"scheme": "md5"}}, "$.hashing.scheme"),
         ({"hashing": {"bogus": 1}}, "$.hashing"),
-        ({"index": {"backend": "redis"}}, "$.index.backend"),
+        ({"index": {"backend": "cassandra"}}, "$.index.backend"),
         ({"scoring": {"tier_weights": {"gpu": -1}}}, "$.scoring.tier_weights[...]"),
     ],
 )

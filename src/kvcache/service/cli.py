@@ -1,9 +1,10 @@
-"""The `kvcache` command line: `kvcache keys` (debug a hash mismatch) and, later, `serve`."""
+"""The `kvcache` command line: `keys` and `tokenize` (debug a hash mismatch) and `serve`."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import NoReturn, TextIO
@@ -51,6 +52,41 @@ def _keys_command(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> No
     stdout.write(json.dumps(keys) + "\n")
 
 
+def _tokenize_command(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> None:
+    # transformers warns on import that torch is missing; tokenizers need no torch.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from kvcache.config import TokenizationConfig
+    from kvcache.tokenization import TextTokenizer, prepare_request
+
+    model = args.model or ("default" if args.tokenizer else "")
+    if not model:
+        raise ValueError("give --model (a name under --models-dir) or --tokenizer PATH")
+    config = TokenizationConfig(
+        tokenizers={model: args.tokenizer} if args.tokenizer else {},
+        models_dir=args.models_dir,
+        chat_template=args.chat_template,
+        trust_request_chat_template=True,
+        prefix_store_bytes=0,
+    )
+    if args.chat_template is not None and not os.path.isfile(args.chat_template):
+        raise ValueError(f"--chat-template: no such file: {args.chat_template}")
+    text = TextTokenizer(config)
+    data = stdin.read()
+    if args.chat:
+        try:
+            body = json.loads(data)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"stdin is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        if not isinstance(body, dict):
+            raise ValueError("expected a chat-completions request body (a JSON object)")
+        body = {**body, "model": model}
+        (prompt,) = prepare_request(body, text, kind="chat")
+        ids = prompt.token_ids
+    else:
+        ids = text.tokenize_completion(data, model)
+    stdout.write(json.dumps(ids) + "\n")
+
+
 def serve_config(args: argparse.Namespace) -> Config:
     """The config file (or embedded defaults) with the command-line flags applied on top."""
     config = Config.from_file(args.config) if args.config else Config()
@@ -61,6 +97,10 @@ def serve_config(args: argparse.Namespace) -> Config:
         data["events"]["zmq_connect"] = list(args.zmq_connect)
         if args.zmq_endpoint is None:
             data["events"]["zmq_bind"] = []
+    if args.index is not None:
+        data["index"]["backend"] = args.index if args.index in ("memory", "cost_aware") else "redis"
+        if data["index"]["backend"] == "redis":
+            data["index"]["redis"]["url"] = args.index
     for section, key, value in (
         ("http", "host", args.http_host),
         ("http", "port", args.http_port),
@@ -103,6 +143,26 @@ def build_parser() -> argparse.ArgumentParser:
     keys.add_argument(
         "--vllm-version", default="0.32", help="vLLM release whose extra-key layout to use"
     )
+    tokenize = commands.add_parser(
+        "tokenize",
+        help="print the token ids vLLM would use for a prompt (or chat body with --chat) on stdin",
+        description=(
+            "Read a completion prompt (plain text, taken exactly as given) on stdin, or with "
+            "--chat an OpenAI chat-completions request body (JSON), and print the token ids "
+            "vLLM would compute as a JSON array."
+        ),
+    )
+    tokenize.add_argument("--chat", action="store_true", help="stdin is a chat request body")
+    tokenize.add_argument("--model", default="", help="model name (found under --models-dir)")
+    tokenize.add_argument(
+        "--tokenizer", default=None, help="tokenizer directory or tokenizer.json of the model"
+    )
+    tokenize.add_argument(
+        "--chat-template", default=None, metavar="FILE", help="chat template file to use"
+    )
+    tokenize.add_argument(
+        "--models-dir", default=None, help="directory searched for <model>/tokenizer.json"
+    )
     serve = commands.add_parser(
         "serve",
         help="run the service: ZMQ event ingest + HTTP scoring API",
@@ -119,6 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ENDPOINT",
         help="engine PUB endpoint to dial (repeatable); disables the default bind",
     )
+    serve.add_argument(
+        "--index",
+        default=None,
+        metavar="BACKEND",
+        help="memory (default), cost_aware, or a Redis/Valkey URL (redis://, rediss://, "
+        "valkey://, valkeys://, unix://) for an index shared by several routers",
+    )
     serve.add_argument("--http-host", default=None, help="HTTP interface (default 127.0.0.1)")
     serve.add_argument("--http-port", type=int, default=None, help="HTTP port (default 8080)")
     serve.add_argument("--hash-scheme", default=None, help=f"one of {', '.join(SCHEME_NAMES)}")
@@ -134,6 +201,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "keys":
             _keys_command(args, sys.stdin, sys.stdout)
+        elif args.command == "tokenize":
+            _tokenize_command(args, sys.stdin, sys.stdout)
         elif args.command == "serve":
             from kvcache.service.app import serve
 
