@@ -441,20 +441,10 @@ class TableIndex:
         r = as_keys(request_keys, "request_keys")
         if r.size == 0:
             return []
-        hr = mix(r)
         with self._lock:
-            self._counters["lookups"] += 1
-            slots = self._main.find(hr)
-            ids = self._set_col[slots]
-            if self._identity_used:
-                ids &= _ID_BITS
-            miss = ids == 0
-            if np.count_nonzero(miss):
-                cut = int(miss.argmax())
-                slots, ids = slots[:cut], ids[:cut]
-            if not slots.size:
+            ids = self._prefix_ids(r)
+            if not ids.size:
                 return []
-            self._main.cols["clock"][slots] = self._tick()
             sets = self._sets.sets
             first = int(ids[0])
             if first == int(ids[-1]) and not np.count_nonzero(ids != first):
@@ -473,20 +463,10 @@ class TableIndex:
         r = as_keys(request_keys, "request_keys")
         if r.size == 0:
             return []
-        hr = mix(r)
         with self._lock:
-            self._counters["lookups"] += 1
-            slots = self._main.find(hr)
-            ids = self._set_col[slots]
-            if self._identity_used:
-                ids &= _ID_BITS
-            miss = ids == 0
-            if np.count_nonzero(miss):
-                cut = int(miss.argmax())
-                slots, ids = slots[:cut], ids[:cut]
-            if not slots.size:
+            ids = self._prefix_ids(r)
+            if not ids.size:
                 return []
-            self._main.cols["clock"][slots] = self._tick()
             # Run boundaries in numpy: the caller never walks the prefix block by block.
             starts = np.flatnonzero(ids[1:] != ids[:-1]) + 1
             bounds = [0, *starts.tolist(), int(ids.size)]
@@ -498,6 +478,21 @@ class TableIndex:
             for n, filtered in enumerate(self._filtered(run_ids, wanted)):
                 runs.append((filtered, bounds[n + 1] - bounds[n]))
             return runs
+
+    def _prefix_ids(self, r: NDArray[np.uint64]) -> NDArray[np.uint32]:
+        """Set ids of the longest prefix of keys present (lock held); stamps their recency."""
+        self._counters["lookups"] += 1
+        slots = self._main.find(mix(r))
+        ids = self._set_col[slots]
+        if self._identity_used:
+            ids &= _ID_BITS
+        miss = ids == 0
+        if np.count_nonzero(miss):
+            cut = int(miss.argmax())
+            slots, ids = slots[:cut], ids[:cut]
+        if slots.size:
+            self._main.cols["clock"][slots] = self._tick()
+        return ids
 
     def _lookup1(self, key: int, wanted: Collection[str] | None) -> list[frozenset[PodEntry]]:
         """`lookup` of a single key without numpy batches."""
