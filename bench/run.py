@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import hashing_bench, ingest_bench, scoring_bench, tokenization_bench
+from bench import hashing_bench, ingest_bench, redis_bench, scoring_bench, tokenization_bench
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -144,6 +144,7 @@ def _table(results: dict[str, Any]) -> str:
             )
         )
     rows.extend(_ingest_rows(results.get("ingest")))
+    rows.extend(_redis_rows(results.get("redis")))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     lines = [
         "| " + " | ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)) + " |"
@@ -203,6 +204,44 @@ def _ingest_rows(ingest: dict[str, Any] | None) -> list[tuple[str, str, str]]:
     return rows
 
 
+def _redis_rows(redis: dict[str, Any] | None) -> list[tuple[str, str, str]]:
+    if not redis:
+        return []
+    floor = redis["floor"]["pipelined_512_get_us"]
+    lookup = redis["lookup_512_keys_64_pods"]
+    ingest = redis["ingest"]
+    memory = redis["memory"]
+    rows = [
+        ("Valkey floor: 512 pipelined GETs, one round trip", f"{floor:.0f} us", "1.00x"),
+        (
+            "Valkey lookup 512-key prefix, 64 pods (p50)",
+            f"{lookup['lookup_runs_median_us']:.0f} us",
+            f"{redis['lookup_vs_floor']:.2f}x floor (target <= 2x)",
+        ),
+        (
+            "Valkey ingest, identity, 64 / 512 blocks per add",
+            f"{ingest['ingest_batch64_blocks_per_s'] / 1e3:.0f}k / "
+            f"{ingest['ingest_batch512_blocks_per_s'] / 1e3:.0f}k blocks/s",
+            "target >= 200k",
+        ),
+        (
+            "Valkey server memory per block (1 entry)",
+            f"{memory['bytes_per_block_one_entry']:.0f} B",
+            f"+{memory['bytes_per_extra_entry']:.0f} B per extra entry",
+        ),
+    ]
+    cluster = redis.get("cluster_lookup_512_keys_64_pods")
+    if cluster:
+        rows.append(
+            (
+                "Valkey 3-node cluster lookup 512-key prefix (p50)",
+                f"{cluster['lookup_runs_median_us']:.0f} us",
+                f"{cluster['lookup_runs_median_us'] / floor:.2f}x standalone floor",
+            )
+        )
+    return rows
+
+
 def main() -> None:
     """Run all sections and report."""
     parser = argparse.ArgumentParser()
@@ -223,6 +262,7 @@ def main() -> None:
         "memory": memory(args.quick),
         "tokenization": tokenization_bench.run(quick=args.quick),
         "ingest": ingest_bench.run(quick=args.quick),
+        "redis": redis_bench.run(None, cluster=not args.quick, quick=args.quick),
     }
     results["seconds"] = time.time() - started
     RESULTS.mkdir(exist_ok=True)

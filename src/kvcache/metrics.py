@@ -54,6 +54,27 @@ class KVCacheCollector(Collector):
             "Sum over lookups of the longest per-pod prefix hit (blocks)",
             reads.get("max_pod_hits", 0),
         )
+        yield _counter(
+            "kvcache_index_degraded_lookups",
+            "Lookups a shared backend answered only in part (server slow or unreachable)",
+            reads.get("degraded_lookups", 0),
+        )
+        if "backlog_ops" in index:
+            yield GaugeMetricFamily(
+                "kvcache_index_backlog_ops",
+                "Writes queued while the shared index server is unreachable",
+                value=index["backlog_ops"],
+            )
+            yield GaugeMetricFamily(
+                "kvcache_index_resync_pods",
+                "Pods to be rebuilt from their events once the server is back",
+                value=len(index.get("resync_pods", ())),
+            )
+            yield GaugeMetricFamily(
+                "kvcache_index_nodes_down",
+                "Shared index server nodes currently unreachable",
+                value=len(index.get("nodes_down", ())),
+            )
         latency = reads.get("lookup_latency")
         if latency is not None:
             family = HistogramMetricFamily(

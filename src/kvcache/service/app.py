@@ -46,6 +46,7 @@ class Service:
             self.registry,
             max_body_bytes=config.http.max_body_bytes,
             healthy=lambda: self.subscriber.running,
+            offload_scoring=config.index.backend == "redis",
         )
 
     def ingest_statistics(self) -> dict[str, Any]:

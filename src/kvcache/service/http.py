@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Annotated, Any
 
@@ -50,8 +51,10 @@ class HttpApp:
         *,
         max_body_bytes: int = 16 * 1024 * 1024,
         healthy: Callable[[], bool] = lambda: True,
+        offload_scoring: bool = False,
     ) -> None:
         self.indexer = indexer
+        self.offload_scoring = offload_scoring
         self.registry = registry
         self.max_body_bytes = max_body_bytes
         self.healthy = healthy
@@ -66,7 +69,13 @@ class HttpApp:
             if path == "/score_tokens":
                 _allow(method, "POST")
                 body = await self._body(scope, receive)
-                await _respond(send, 200, _encode(self._score_tokens(body)), _JSON)
+                if self.offload_scoring:
+                    # A shared backend waits on the network (up to its timeout): keep the
+                    # event loop free for other requests meanwhile.
+                    result = await asyncio.to_thread(self._score_tokens, body)
+                else:
+                    result = self._score_tokens(body)
+                await _respond(send, 200, _encode(result), _JSON)
             elif path == "/healthz":
                 _allow(method, "GET")
                 ok = self.healthy()
