@@ -57,6 +57,7 @@ from kvcache.events.apply import HashMode
 from kvcache.events.pipeline import IngestPipeline, shard_of
 from kvcache.events.subscriber import Subscriber
 from kvcache.indexer import Indexer
+from kvcache.tokenization.chat import ChatRequest
 
 HERE = Path(__file__).resolve().parent
 DRIVER = HERE / "vllm_driver.py"
@@ -350,9 +351,13 @@ class Oracle:
 class Kvcache:
     """Subscriber -> IngestPipeline -> Indexer, exactly as the service wires them."""
 
-    def __init__(self, setup: Setup) -> None:
+    def __init__(self, setup: Setup, tokenizers: dict[str, str] | None = None) -> None:
         config = Config.from_mapping(
-            {"hashing": {"scheme": setup.scheme, "seed": setup.seed, "block_size": BLOCK_SIZE}}
+            {
+                "hashing": {"scheme": setup.scheme, "seed": setup.seed, "block_size": BLOCK_SIZE},
+                # Model name -> the tiny model's directory, for the text workload.
+                "tokenization": {"tokenizers": tokenizers or {}, "models_dir": None},
+            }
         )
         self.indexer = Indexer(config)
         self.pipeline = IngestPipeline(
@@ -619,3 +624,240 @@ def test_kvcache_predicts_real_vllm_prefix_hits_exactly(
     assert statistics_["events_applied"] == dict(oracle.events)
     assert statistics_["gaps"] == statistics_["resets"] == statistics_["queue_overflow"] == 0
     assert not statistics_["frames_rejected"] and not statistics_["events_rejected"]
+
+
+# -- text requests: kvcache's tokenization against vLLM's own ---------------------------------
+
+MODEL_NAME = "tiny-llama"  # kvcache's name for the model; its tokenizer is the model directory's
+# The test tokenizer ships no chat template, so every chat passes this one explicitly (as a
+# request's `chat_template` does). ChatML-like, with the BOS variable, tools and tool calls.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% if tools %}<|im_start|>system\n# Tools\n"
+    "{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}<|im_end|>\n{% endif %}"
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] %}{{ message['content'] }}{% endif %}"
+    "{% if message['tool_calls'] %}{% for call in message['tool_calls'] %}"
+    "<tool_call>{{ call['function'] | tojson }}</tool_call>{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+TOOLS: list[dict[str, Any]] = [
+    {
+        "type": "function",
+        "function": {
+            "name": "cache_stats",
+            "description": "Hit rate and resident blocks of one server group.",
+            "parameters": {
+                "type": "object",
+                "properties": {"group": {"type": "string"}, "minutes": {"type": "integer"}},
+                "required": ["group"],
+            },
+        },
+    }
+]
+
+
+@dataclass(frozen=True)
+class TextStep:
+    label: str
+    prompt: str | None = None  # a completion, or else a chat:
+    messages: tuple[dict[str, Any], ...] = ()
+    tools: list[dict[str, Any]] | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+
+
+def text_workload() -> list[TextStep]:
+    """Completions sharing a prefix, a chat growing turn by turn, tools, continue_final_message."""
+    system = {"role": "system", "content": SYSTEM.strip()}
+    turns = [
+        ("user", "Incident 2041: the amber group lost a third of its hits. Where do I start?"),
+        ("assistant", "Compare the router's index with the servers' caches for amber first."),
+        ("user", "They differ by 40 blocks. Which component drifted?"),
+        ("assistant", "The index: it missed removals while the event stream was disconnected."),
+        ("user", "How do we prevent that next time?"),
+    ]
+    chat: list[dict[str, Any]] = [system]
+    chat += [{"role": role, "content": text} for role, text in turns]
+    tool_chat = [
+        system,
+        {"role": "user", "content": "What is the hit rate of basalt over the last 30 minutes?"},
+        {
+            "role": "assistant",
+            "content": None,
+            # In the key order of vLLM's server schema (id, function{arguments, name}, type),
+            # which kvcache reproduces: the server's pydantic request model rebuilds the dicts in
+            # that order, whereas LLM.chat() keeps the caller's order (name-first would differ).
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "function": {
+                        "arguments": '{"group": "basalt", "minutes": 30}',
+                        "name": "cache_stats",
+                    },
+                    "type": "function",
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"hit_rate": 0.41}'},
+    ]
+    return [
+        TextStep("completion q0", prompt=question(0)),
+        TextStep("completion q1 (shared prefix)", prompt=question(1)),
+        TextStep("completion q2 (shared prefix)", prompt=question(2)),
+        TextStep("completion q1 again", prompt=question(1)),
+        TextStep("chat turn 1", messages=tuple(chat[:2])),
+        TextStep("chat turn 2", messages=tuple(chat[:4])),
+        TextStep("chat turn 3", messages=tuple(chat[:6])),
+        TextStep("chat turn 3 again", messages=tuple(chat[:6])),
+        TextStep("chat with tools", messages=tuple(tool_chat), tools=TOOLS),
+        TextStep(
+            "chat continue_final_message",
+            messages=(*chat[:6], {"role": "assistant", "content": "Start by replaying the"}),
+            add_generation_prompt=False,
+            continue_final_message=True,
+        ),
+    ]
+
+
+@pytest.mark.timeout(600)
+def test_kvcache_tokenizes_text_like_real_vllm_and_predicts_its_hits(
+    vllm_install: VllmInstall,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Completions and chats as text: kvcache's ids == vLLM's, and its score predicts the hits."""
+    caplog.set_level(logging.INFO, logger="kvcache")
+    began = time.monotonic()
+    setup = SETUPS[0]  # one configuration: the hashing is covered by the test above
+    kvcache = Kvcache(setup, tokenizers={MODEL_NAME: str(vllm_install.model)})
+    endpoint = kvcache.start()
+    engine = Engine(
+        vllm_install.python, vllm_install.model, endpoint, setup, tmp_path / "vllm-driver.log"
+    )
+    rows: list[dict[str, Any]] = []
+    failures: list[str] = []
+    shutdown = 0.0
+    try:
+        ready = engine.receive(READY_TIMEOUT_SECONDS)
+        assert ready["block_size"] == BLOCK_SIZE
+        batches, _ = kvcache.wait_ingested()
+        assert batches == [], "events before the first request"
+        for number, step in enumerate(text_workload()):
+            assert kvcache.delivered == kvcache.absorbed, "events arrived after the quiet period"
+            messages = [dict(message) for message in step.messages]
+            if step.prompt is not None:
+                tokens = kvcache.indexer.text.tokenize_completion(step.prompt, MODEL_NAME)
+                score = kvcache.indexer.score(step.prompt, MODEL_NAME, pods=[POD])
+                command: dict[str, Any] = {"op": "generate", "text": step.prompt}
+            else:
+                request = ChatRequest(
+                    messages=messages,
+                    tools=step.tools,
+                    chat_template=CHAT_TEMPLATE,
+                    add_generation_prompt=step.add_generation_prompt,
+                    continue_final_message=step.continue_final_message,
+                )
+                tokens = kvcache.indexer.text.tokenize_chat(request, MODEL_NAME)
+                score = kvcache.indexer.score_chat(
+                    messages,
+                    MODEL_NAME,
+                    pods=[POD],
+                    tools=step.tools,
+                    chat_template=CHAT_TEMPLATE,
+                    add_generation_prompt=step.add_generation_prompt,
+                    continue_final_message=step.continue_final_message,
+                )
+                command = {
+                    "op": "chat",
+                    "messages": messages,
+                    "chat_template": CHAT_TEMPLATE,
+                    "add_generation_prompt": step.add_generation_prompt,
+                    "continue_final_message": step.continue_final_message,
+                    "tools": step.tools,
+                }
+            blocks = score.get(POD, 0.0)
+            assert blocks == int(blocks), f"gpu blocks weigh 1.0, got a score of {blocks}"
+            # The text score and the token score agree (same ids, same index).
+            assert int(blocks) == kvcache.cached_blocks(tokens)
+            cap = (len(tokens) - 1) // BLOCK_SIZE  # the last prompt token is recomputed
+            predicted = min(int(blocks), cap) * BLOCK_SIZE
+            reply = engine.call(max_tokens=8, **command)
+            batches, ingest_seconds = kvcache.wait_ingested()
+            vllm_ids = reply["prompt_token_ids"]
+            actual = reply["num_cached_tokens"]
+            if vllm_ids != tokens:
+                at = next(
+                    (
+                        i
+                        for i, pair in enumerate(zip(tokens, vllm_ids, strict=False))
+                        if pair[0] != pair[1]
+                    ),
+                    min(len(tokens), len(vllm_ids)),
+                )
+                failures.append(
+                    f"{step.label}: token ids differ at {at} (kvcache {len(tokens)} ids "
+                    f"{tokens[at : at + 8]}, vLLM {len(vllm_ids)} ids {vllm_ids[at : at + 8]})"
+                )
+            if actual != predicted:
+                failures.append(f"{step.label}: predicted {predicted}, vLLM cached {actual}")
+            difference = kvcache.block_set_difference()
+            if difference:
+                failures.append(f"{step.label}: after the request {difference}")
+            kinds = [kind for batch in batches for kind in batch]
+            rows.append(
+                {
+                    "n": number,
+                    "label": step.label,
+                    "prompt": len(tokens),
+                    "ids_equal": vllm_ids == tokens,
+                    "predicted": predicted,
+                    "vllm": actual,
+                    "rule": f"last token ({int(blocks)} cached)" if blocks > cap else "",
+                    "events": dict(Counter(kinds)),
+                    "request_s": reply["seconds"],
+                    "ingest_s": round(ingest_seconds, 3),
+                }
+            )
+    finally:
+        shutdown = engine.close()
+        kvcache.stop()
+    alarms = [
+        record.getMessage()
+        for record in caplog.records
+        if record.name.startswith("kvcache") and record.levelno >= logging.WARNING
+    ]
+    report = {
+        "config": f"text workload, {setup.name}",
+        "vllm": ready["vllm_version"],
+        "requests": len(rows),
+        "completions": sum(not r["label"].startswith("chat") for r in rows),
+        "chats": sum(r["label"].startswith("chat") for r in rows),
+        "token_ids_equal": f"{sum(r['ids_equal'] for r in rows)}/{len(rows)}",
+        "predictions_matched": f"{sum(r['predicted'] == r['vllm'] for r in rows)}/{len(rows)}",
+        "cached_tokens_total": sum(r["vllm"] for r in rows),
+        "events": dict(kvcache.oracle.events),
+        "identity": "yes" if kvcache.pod_mode() is HashMode.IDENTITY and not alarms else "no",
+        "timings_s": {
+            "engine_start": ready["engine_start_seconds"],
+            "request_median": statistics.median(r["request_s"] for r in rows),
+            "request_max": max(r["request_s"] for r in rows),
+            "shutdown": round(shutdown, 2),
+            "total": round(time.monotonic() - began, 1),
+        },
+    }
+    with capsys.disabled():
+        print("\n=== real vLLM interop: text requests ===")
+        for row in rows:
+            print("  " + json.dumps(row))
+        print(json.dumps(report, indent=2))
+    failures += [f"oracle: {problem}" for problem in kvcache.oracle.problems]
+    failures += [f"kvcache warned: {message}" for message in alarms]
+    assert not failures, "\n".join(failures)
+    assert len(rows) >= 8
+    # Prefix sharing really happened, for completions and for the growing chat.
+    assert any(r["vllm"] > 0 for r in rows if r["label"].startswith("completion"))
+    assert any(r["vllm"] > 0 for r in rows if r["label"].startswith("chat turn"))
+    assert kvcache.pod_mode() is HashMode.IDENTITY

@@ -10,6 +10,9 @@ Protocol: one JSON object per line. Commands arrive on stdin:
   gets from the model's ``tokenizer.json`` with the plain ``tokenizers`` library;
 * ``{"op": "generate", "text": ..., "max_tokens": n}`` -> ``{"ok": true, "prompt_token_ids",
   "output_token_ids", "num_cached_tokens", "seconds"}``: greedy, ``ignore_eos``;
+* ``{"op": "chat", "messages": [...], "chat_template": ..., "add_generation_prompt": bool,
+  "continue_final_message": bool, "tools": [...] | null, "max_tokens": n}`` -> the same reply as
+  ``generate``: ``LLM.chat()``, i.e. vLLM's own rendering and tokenization of a chat;
 * ``{"op": "reset"}`` -> ``{"ok": true, "result": bool}``: ``LLM.reset_prefix_cache()``;
 * ``{"op": "quit"}`` -> ``{"ok": true}``, then the engine shuts down.
 
@@ -107,6 +110,29 @@ def _serve(options: argparse.Namespace, reply: Any) -> None:
                 )
                 begun = time.monotonic()
                 (output,) = llm.generate([command["text"]], params, use_tqdm=False)
+                reply(
+                    {
+                        "ok": True,
+                        "prompt_token_ids": list(output.prompt_token_ids),
+                        "output_token_ids": list(output.outputs[0].token_ids),
+                        "num_cached_tokens": output.num_cached_tokens,
+                        "seconds": round(time.monotonic() - begun, 4),
+                    }
+                )
+            elif op == "chat":
+                params = vllm.SamplingParams(
+                    max_tokens=int(command["max_tokens"]), temperature=0.0, ignore_eos=True
+                )
+                begun = time.monotonic()
+                (output,) = llm.chat(
+                    command["messages"],
+                    params,
+                    use_tqdm=False,
+                    chat_template=command["chat_template"],
+                    add_generation_prompt=bool(command["add_generation_prompt"]),
+                    continue_final_message=bool(command["continue_final_message"]),
+                    tools=command.get("tools"),
+                )
                 reply(
                     {
                         "ok": True,

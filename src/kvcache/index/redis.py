@@ -29,7 +29,7 @@ import os
 import threading
 import time
 import weakref
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -365,6 +365,7 @@ class RedisIndex:
         self._pending: list[_Op] = []
         self._backlog: deque[_Op] = deque()
         self._backlog_keys = 0
+        self._queued_pods: Counter[str] = Counter()  # backlog ops per pod
         self._resync: set[str] = set()
         self._closed = False
         self._wake = threading.Event()
@@ -558,7 +559,9 @@ class RedisIndex:
 
     def _apply_or_queue(self, ops: list[_Op]) -> list[Any]:
         """Under the write lock: apply in order, or append to the backlog (which keeps order)."""
-        if self._backlog or self._outage():
+        if self._backlog or self._resync or self._outage():
+            # while a pod awaits its resync clear, every write queues behind it (applied now,
+            # it would be wiped by that clear)
             self._queue(ops)
             return [None] * len(ops)
         try:
@@ -569,21 +572,36 @@ class RedisIndex:
 
     def _queue(self, ops: Iterable[_Op]) -> None:
         for op in ops:
-            pods = {op.pod} if isinstance(op, _Clear) else {e.pod for e in op.entries}
-            if pods & self._resync:
-                self._count("dropped_ops")
-                continue
             if self._backlog_keys + op.size() > self.backlog_limit:
-                # Past the bound: the pod's state in the index is unknown from here on; it is
-                # cleared once the server is back and rebuilt by its later events.
+                # Past the bound: the pod's state in the index is unknown from here on. Its
+                # queued writes are dropped (they precede the gap) and it is cleared once the
+                # server is back, before the backlog is replayed; its writes queued after this
+                # one are replayed after that clear and rebuild it.
+                pods = _pods(op)
                 if not pods <= self._resync:
                     log.warning("index backlog full: pods %s will be resynced", sorted(pods))
                 self._resync |= pods
                 self._count("dropped_ops")
+                if any(self._queued_pods[p] for p in pods):
+                    self._purge(pods)
                 continue
             self._backlog.append(op)
             self._backlog_keys += op.size()
+            self._queued_pods.update(_pods(op))
             self._count("backlogged_ops")
+
+    def _purge(self, pods: set[str]) -> None:
+        """Drop the queued writes of ``pods`` (their entries, from writes of several pods)."""
+        kept: deque[_Op] = deque()
+        for queued in self._backlog:
+            rest = _without(queued, pods)
+            if rest is None:
+                self._count("dropped_ops")
+            else:
+                kept.append(rest)
+        self._backlog = kept
+        self._backlog_keys = sum(op.size() for op in kept)
+        self._queued_pods = Counter(p for op in kept for p in _pods(op))
 
     def _outage(self) -> bool:
         return any(n.down for n in self._topology.nodes.values())
@@ -611,7 +629,8 @@ class RedisIndex:
                 log.exception("redis index flusher")
 
     def _recover(self) -> None:
-        """Probe every node; when all answer, replay the backlog, then resync pods."""
+        """Probe every node; when all answer, clear the pods marked for resync, then replay
+        the backlog."""
         topology = self._topology
         topology.refresh()
         for node in topology.live_nodes():
@@ -624,11 +643,19 @@ class RedisIndex:
         for node in topology.nodes.values():
             node.down = False
         self._check_generation()
-        backlog = self._backlog
-        while backlog:
+        # resync clears first: a resync pod's queued writes all follow its gap (see _queue),
+        # and writes keep queueing while any pod awaits its clear, so none lands before it
+        for pod in sorted(self._resync):
+            with self._write_lock:
+                self._apply([_Clear(pod)])
+                self._resync.discard(pod)
+            self._count("resyncs")
+            log.warning("pod %s resynced: its entries were cleared after an outage", pod)
+        while self._backlog:
             # a batch at a time, so writers and lookups get the lock in between; ops leave the
             # backlog once applied, so "healthy" means they are in the server
             with self._write_lock:
+                backlog = self._backlog  # _queue may replace it (purge) between batches
                 batch = [backlog[i] for i in range(min(256, len(backlog)))]
                 try:
                     self._apply(batch)
@@ -636,15 +663,11 @@ class RedisIndex:
                 except _UnavailableError as exc:
                     done = exc.done
                 for _ in range(done):
-                    self._backlog_keys -= backlog.popleft().size()
+                    applied = backlog.popleft()
+                    self._backlog_keys -= applied.size()
+                    self._queued_pods.subtract(_pods(applied))
                 if done < len(batch):
                     return
-        for pod in sorted(self._resync):
-            with self._write_lock:
-                self._apply([_Clear(pod)])
-                self._resync.discard(pod)
-            self._count("resyncs")
-            log.warning("pod %s resynced: its entries were cleared after an outage", pod)
         if was_down:
             self._count("recoveries")
             log.warning("index server reachable again; backlog replayed")
@@ -1117,6 +1140,24 @@ class RedisIndex:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _pods(op: _Op) -> set[str]:
+    return {op.pod} if isinstance(op, _Clear) else {e.pod for e in op.entries}
+
+
+def _without(op: _Op, pods: set[str]) -> _Op | None:
+    """``op`` without the entries of ``pods`` (None when nothing is left)."""
+    if isinstance(op, _Clear):
+        return None if op.pod in pods else op
+    if not any(e.pod in pods for e in op.entries):
+        return op
+    entries = tuple(e for e in op.entries if e.pod not in pods)
+    if not entries:
+        return None
+    if isinstance(op, _Add):
+        return _Add(op.engine_keys, op.request_keys, entries)
+    return _Evict(op.key, op.key_type, entries)
 
 
 def _spread_tags(n: int) -> list[bytes]:

