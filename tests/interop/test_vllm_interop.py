@@ -680,7 +680,7 @@ def text_workload() -> list[TextStep]:
     ]
     chat: list[dict[str, Any]] = [system]
     chat += [{"role": role, "content": text} for role, text in turns]
-    tool_chat = [
+    tool_chat: list[dict[str, Any]] = [
         system,
         {"role": "user", "content": "What is the hit rate of basalt over the last 30 minutes?"},
         {
@@ -842,7 +842,7 @@ def test_kvcache_tokenizes_text_like_real_vllm_and_predicts_its_hits(
         "identity": "yes" if kvcache.pod_mode() is HashMode.IDENTITY and not alarms else "no",
         "timings_s": {
             "engine_start": ready["engine_start_seconds"],
-            "request_median": statistics.median(r["request_s"] for r in rows),
+            "request_median": round(statistics.median(r["request_s"] for r in rows), 4),
             "request_max": max(r["request_s"] for r in rows),
             "shutdown": round(shutdown, 2),
             "total": round(time.monotonic() - began, 1),

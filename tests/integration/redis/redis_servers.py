@@ -248,22 +248,18 @@ def make_certificates(directory: str) -> Certificates | None:
     ca, ca_key = path / "ca.crt", path / "ca.key"
     cert, key, csr, ext = path / "server.crt", path / "server.key", path / "s.csr", path / "ext"
     ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    quiet = {"check": True, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
-    subprocess.run(
-        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-         "-keyout", ca_key, "-out", ca, "-subj", "/CN=kvcache test CA"],
-        **quiet,  # type: ignore[arg-type]
-    )  # fmt: skip
-    subprocess.run(
-        [openssl, "req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr,
-         "-subj", "/CN=127.0.0.1"],
-        **quiet,  # type: ignore[arg-type]
-    )  # fmt: skip
-    subprocess.run(
-        [openssl, "x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
-         "-days", "1", "-out", cert, "-extfile", ext],
-        **quiet,  # type: ignore[arg-type]
-    )  # fmt: skip
+
+    def run(*args: str | Path) -> None:
+        subprocess.run(
+            [openssl, *args], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        "-keyout", ca_key, "-out", ca, "-subj", "/CN=kvcache test CA")  # fmt: skip
+    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr,
+        "-subj", "/CN=127.0.0.1")  # fmt: skip
+    run("x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
+        "-days", "1", "-out", cert, "-extfile", ext)  # fmt: skip
     return Certificates(str(ca), str(cert), str(key))
 
 

@@ -147,7 +147,7 @@ def test_resync_pod_writes_just_before_its_clear_survive(server: ServerProcess) 
         assert index.statistics()["resync_pods"] == ["pod-a"]
         index.add(None, [10], [A])  # server back, the index does not know it yet
         check_generation = index._check_generation
-        racing = []
+        racing: list[list[int]] = []
 
         def generation_then_write() -> None:  # runs in _recover, once nodes are marked up
             check_generation()
