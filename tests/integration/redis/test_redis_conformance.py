@@ -21,7 +21,7 @@ _prefixes = itertools.count()
 
 def _binary(found: str | None, what: str) -> str:
     if found is None:
-        pytest.skip(f"no {what} binary (install the test extra)")
+        pytest.fail(f"no {what} binary (install the test extra)")
     return found
 
 

