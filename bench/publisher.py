@@ -16,7 +16,7 @@ engine step (one batch) prefills 1-3 new requests (one BlockStored each, 8-64 ne
 the system prompt's last block once that is cached), completes decode blocks of earlier requests
 (1-block BlockStored events) and evicts the blocks of the oldest finished requests, tail first,
 one BlockRemoved per block, whenever the pod's cache is over capacity: the layout of the events of
-a real vLLM 0.32 engine (see /work/shared/captures). Each pod's last batch stores `SENTINEL_TOKENS`
+a real vLLM 0.32 engine (see tests/data/captures). Each pod's last batch stores `SENTINEL_TOKENS`
 (4 blocks, parent None), so a consumer has applied a pod's whole stream once it holds them.
 
 Hashes are real vLLM keys (sha256_cbor, PYTHONHASHSEED "42", block size 16), so a consumer
@@ -49,7 +49,10 @@ SEED: Final = "42"
 BLOCK_SIZE: Final = 16
 VOCAB: Final = 128_256
 MODEL: Final = "bench-model"
-CAPTURE: Final = Path("/work/shared/captures/vllm-0.32-sha256-pickle-default/frames.jsonl")
+CAPTURE: Final = (
+    Path(__file__).resolve().parents[1]
+    / "tests/data/captures/vllm-0.32-sha256-pickle-default/frames.jsonl"
+)
 
 
 def _fixed_tokens(seed: int, blocks: int) -> list[int]:
