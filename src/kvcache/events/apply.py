@@ -133,6 +133,13 @@ class _Chain:
         store.update(zip(keys, states, strict=True))
 
 
+def _plain_text(event: BlockStored) -> bool:
+    """No LoRA name and no extra keys: the event's keys follow from its tokens alone."""
+    return not event.lora_name and (
+        event.extra_keys is None or all(key is None for key in event.extra_keys)
+    )
+
+
 def _candidate_schemes(block_size: int, configured: KeyScheme) -> list[tuple[str, KeyScheme]]:
     """vLLM schemes worth trying when a pod's hashes do not match ours."""
     seeds: list[str | None] = [None, "0", "42"]
@@ -326,9 +333,7 @@ class EventApplier:
         Events with LoRA or extra keys are never used: vLLM >= 0.31 leaves the LoRA path, which
         it hashes, out of the event. A block-size mismatch is checkable (it never matches).
         """
-        if event.lora_name or event.lora_id is not None:
-            return False
-        if event.extra_keys is not None and any(key is not None for key in event.extra_keys):
+        if event.lora_id is not None or not _plain_text(event):
             return False
         if event.block_size and event.block_size != self.scheme.block_size:
             return True
@@ -387,7 +392,7 @@ class EventApplier:
     def _stored_dual(
         self, state: PodState, event: BlockStored, entry: PodEntry, model: str
     ) -> None:
-        if not self._checkable_tokens(event):
+        if not _plain_text(event):
             self.stats.blocks_skipped["extra_keys_unsupported"] += len(event.block_hashes)
             return
         parent_key: int | None = None
@@ -414,13 +419,6 @@ class EventApplier:
             for engine_key, key in zip(event.block_hashes, keys, strict=True):
                 if key in again:
                     state.copies[(engine_key, entry)] += 1
-
-    @staticmethod
-    def _checkable_tokens(event: BlockStored) -> bool:
-        return not (
-            event.lora_name
-            or (event.extra_keys is not None and any(k is not None for k in event.extra_keys))
-        )
 
     def _tier_update(self, state: PodState, hashes: Sequence[int], entry: PodEntry) -> None:
         """A store without tokens (offload tiers): only blocks we already know gain the tier."""

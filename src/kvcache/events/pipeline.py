@@ -156,10 +156,16 @@ class IngestPipeline:
         modes: Counter[str] = Counter()
         for applier in self.appliers:
             stats = applier.stats
-            for name in ("messages", "blocks_stored", "blocks_removed", "clears", "gaps"):
+            for name in (
+                "messages",
+                "blocks_stored",
+                "blocks_removed",
+                "clears",
+                "gaps",
+                "resets",
+                "hash_mismatches",
+            ):
                 totals[name] += getattr(stats, name)
-            totals["resets"] += stats.resets
-            totals["hash_mismatches"] += stats.hash_mismatches
             for name in ("events_applied", "events_rejected", "frames_rejected", "blocks_skipped"):
                 totals[name].update(getattr(stats, name))
             modes.update(state.mode.value for state in applier.pods.values())

@@ -82,6 +82,21 @@ def as_key(value: int, field: str) -> int:
     raise InvalidKeyError(field, value)
 
 
+def add_keys(
+    engine_keys: Sequence[int] | None, request_keys: Sequence[int]
+) -> tuple[NDArray[np.uint64], NDArray[np.uint64] | None]:
+    """Validated key arrays of an `Index.add` call (shared by every backend)."""
+    r = as_keys(request_keys, "request_keys")
+    if r.size == 0:
+        raise IndexOperationError("add: no request keys given")
+    if engine_keys is None:
+        return r, None
+    e = as_keys(engine_keys, "engine_keys")
+    if e.size == 0:
+        raise IndexOperationError("add: engine_keys is empty (pass None for no mapping)")
+    return r, e
+
+
 def _raise_bad_key(values: Any, field: str) -> NoReturn:
     if isinstance(values, Iterable) and not isinstance(values, str | bytes):
         for v in values:
@@ -392,14 +407,7 @@ class TableIndex:
         ents = _as_entries(entries, "add")
         if _sized(request_keys, 1) and (engine_keys is None or _sized(engine_keys, 1)):
             return self._add1(engine_keys, request_keys, ents)
-        r = as_keys(request_keys, "request_keys")
-        if r.size == 0:
-            raise IndexOperationError("add: no request keys given")
-        e = None
-        if engine_keys is not None:
-            e = as_keys(engine_keys, "engine_keys")
-            if e.size == 0:
-                raise IndexOperationError("add: engine_keys is empty (pass None for no mapping)")
+        r, e = add_keys(engine_keys, request_keys)
         hr = mix(r)
         with self._lock:
             now = self._tick()

@@ -46,7 +46,7 @@ from redis.retry import Retry
 from kvcache.blocks import KeyType, PodEntry
 from kvcache.errors import ConfigError, IndexOperationError, UnknownKeyError
 from kvcache.index import redis_scripts as scripts
-from kvcache.index.memory import _as_entries, as_key, as_keys
+from kvcache.index.memory import _as_entries, add_keys, as_key, as_keys
 
 log = logging.getLogger("kvcache.index.redis")
 
@@ -410,14 +410,7 @@ class RedisIndex:
         entries: Iterable[PodEntry],
     ) -> list[int]:
         ents = _as_entries(entries, "add")
-        r = as_keys(request_keys, "request_keys")
-        if r.size == 0:
-            raise IndexOperationError("add: no request keys given")
-        e = None
-        if engine_keys is not None:
-            e = as_keys(engine_keys, "engine_keys")
-            if e.size == 0:
-                raise IndexOperationError("add: engine_keys is empty (pass None for no mapping)")
+        r, e = add_keys(engine_keys, request_keys)
         self._count("adds")
         self._count("admitted_keys", int(r.size))
         result = self._submit(_Add(e, r, ents))
