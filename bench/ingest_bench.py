@@ -5,7 +5,7 @@ Consumers, one at a time, all fed the same precomputed stream from the same sock
 
 * a bare SUB socket that only counts messages (the transport floor);
 * kvcache identity mode (sha256_cbor, seed "42", block 16: the engines' own keys) as the service
-  runs it (2 shards, GIL switch interval 0.0005 s), with the default 5 ms interval, and 1 shard;
+  runs it (1 shard, GIL switch interval 0.0005 s), with the default 5 ms interval, and 2 shards;
 * kvcache dual-key mode: the same stream with kvcache configured for seed "7", so no hash
   matches and every BlockStored is re-keyed from its token ids (sha256_cbor, seed "7");
 * NVIDIA Dynamo's standalone indexer (``python -m dynamo.indexer --threads 1``), one worker per
@@ -303,7 +303,7 @@ class Kvcache:
         pods: Sequence[str],
         *,
         seed: str,
-        shards: int = 2,
+        shards: int = 1,
         switch_interval: float | None = None,
     ) -> None:
         self._endpoints = endpoints
@@ -574,8 +574,8 @@ def ingest(publisher: Publisher, sizes: Sizes) -> tuple[dict[str, Any], list[lis
         ),
         "kvcache_dual": lambda: Kvcache(endpoints, pods, seed=DUAL_SEED, switch_interval=service),
         "kvcache_identity_default_switch": lambda: Kvcache(endpoints, pods, seed=IDENTITY_SEED),
-        "kvcache_identity_1_shard": lambda: Kvcache(
-            endpoints, pods, seed=IDENTITY_SEED, shards=1, switch_interval=service
+        "kvcache_identity_2_shards": lambda: Kvcache(
+            endpoints, pods, seed=IDENTITY_SEED, shards=2, switch_interval=service
         ),
     }
     dynamo = dynamo_available()
@@ -614,8 +614,8 @@ def ingest(publisher: Publisher, sizes: Sizes) -> tuple[dict[str, Any], list[lis
         "identity_vs_dynamo": ratio("kvcache_identity"),
         "dual_vs_dynamo": ratio("kvcache_dual"),
         "identity_default_switch_vs_dynamo": ratio("kvcache_identity_default_switch"),
-        "identity_1_shard_vs_dynamo": ratio("kvcache_identity_1_shard"),
-        "identity_1_shard_vs_2_shards": ratio("kvcache_identity_1_shard", "kvcache_identity"),
+        "identity_2_shards_vs_dynamo": ratio("kvcache_identity_2_shards"),
+        "identity_1_shard_vs_2_shards": ratio("kvcache_identity", "kvcache_identity_2_shards"),
         "dual_vs_identity": ratio("kvcache_dual", "kvcache_identity"),
         "bare_sub_vs_identity": ratio("bare_sub", "kvcache_identity"),
         "cpu_s_per_m_block_ops": {
@@ -724,11 +724,11 @@ def scoring_under_load(publisher: Publisher, sizes: Sizes, rate: float) -> dict[
     ``rate`` block operations/s into kvcache; GIL switch interval default vs the service's."""
     default = sys.getswitchinterval()
     conditions = {
-        "service": (2, SERVICE_SWITCH_INTERVAL),
-        "default_switch": (2, default),
+        "service": (1, SERVICE_SWITCH_INTERVAL),
+        "default_switch": (1, default),
     }
     if sizes.extra_trials:
-        conditions["service_1_shard"] = (1, SERVICE_SWITCH_INTERVAL)
+        conditions["service_2_shards"] = (2, SERVICE_SWITCH_INTERVAL)
     results: dict[str, Any] = {"paced_blocks_per_s": rate}
     for label, (shards, interval) in conditions.items():
         results[label] = _scoring_condition(publisher, sizes, rate, shards, interval)

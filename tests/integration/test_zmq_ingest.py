@@ -138,7 +138,7 @@ def test_restart_clears_pod_and_gap_is_counted(indexer: Indexer, pipeline: Inges
 
 
 def test_full_queue_drops_counts_and_shows_as_gap(indexer: Indexer) -> None:
-    pipe = IngestPipeline(indexer.index, indexer.scheme, shards=1, queue_size=1)
+    pipe = IngestPipeline(indexer.index, indexer.scheme, shards=2, queue_size=1)
     batch = _encode(EventBatch(ts=1.0, events=[], dp_rank=0))
     assert pipe.submit([b"kv@p@m", (0).to_bytes(8, "big"), batch])
     assert not pipe.submit([b"kv@p@m", (1).to_bytes(8, "big"), batch])
@@ -174,3 +174,31 @@ def test_bad_frames_are_counted_not_fatal(indexer: Indexer, pipeline: IngestPipe
 def test_shard_is_stable() -> None:
     assert shard_of("10.0.0.7:8000", 4) == shard_of("10.0.0.7:8000", 4)
     assert {shard_of(f"pod-{i}", 4) for i in range(64)} == {0, 1, 2, 3}
+
+
+def test_one_shard_applies_inline_before_submit_returns(indexer: Indexer) -> None:
+    pipe = IngestPipeline(indexer.index, indexer.scheme, shards=1)
+    pipe.start()  # no worker thread to start
+    tokens = list(range(100, 132))
+    key = indexer.block_keys(tokens)[0]
+    batch = _encode(EventBatch(ts=1.0, events=[BlockStored([key], None, tokens, 32)]))
+    assert pipe.submit([b"kv@p@m", (0).to_bytes(8, "big"), batch])
+    assert indexer.index.lookup([key]) != []  # no drain needed
+    assert pipe.queue_depths() == [0]
+    pipe.stop()
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_forget_pod_clears_entries_in_order(indexer: Indexer, shards: int) -> None:
+    pipe = IngestPipeline(indexer.index, indexer.scheme, shards=shards)
+    pipe.start()
+    tokens = list(range(100, 132))
+    key = indexer.block_keys(tokens)[0]
+    for pod in (b"a:1", b"b:1"):
+        batch = _encode(EventBatch(ts=1.0, events=[BlockStored([key], None, tokens, 32)]))
+        pipe.submit([b"kv@" + pod + b"@m", (0).to_bytes(8, "big"), batch])
+    assert pipe.forget_pod("a:1") == 1  # runs after the pod's queued message
+    assert pipe.drain()
+    assert {e.pod for e in indexer.index.lookup([key])[0]} == {"b:1"}
+    assert "a:1" not in pipe.pod_states()
+    pipe.stop()

@@ -66,7 +66,8 @@ class IndexModel(RuleBasedStateMachine):
         entries=ENTRY_LISTS,
     )
     def add(self, engine: list[int] | None, request: list[int], entries: list[PodEntry]) -> None:
-        self.index.add(engine, request, entries)
+        repeated = [r for r in dict.fromkeys(request) if set(entries) <= self.data.get(r, set())]
+        assert self.index.add(engine, request, entries) == repeated
         for r in request:
             self.data.setdefault(r, set()).update(entries)
         if engine is not None:
@@ -135,6 +136,12 @@ class MemoryIndexModel(IndexModel):
     make = staticmethod(lambda: MemoryIndex(pod_cache_size=None))
 
 
+class NumpyMemoryIndexModel(IndexModel):
+    """The numpy paths, which serve where the C kernels were not built."""
+
+    make = staticmethod(lambda: MemoryIndex(pod_cache_size=None, kernels=False))
+
+
 class CostAwareIndexModel(IndexModel):
     make = staticmethod(lambda: CostAwareIndex("1MiB"))
 
@@ -146,4 +153,5 @@ _settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestMemoryIndexModel = _settings(MemoryIndexModel).TestCase
+TestNumpyMemoryIndexModel = _settings(NumpyMemoryIndexModel).TestCase
 TestCostAwareIndexModel = _settings(CostAwareIndexModel).TestCase

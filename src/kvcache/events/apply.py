@@ -69,6 +69,17 @@ class PodState:
     """In dual mode: the vLLM scheme the pod's hashes do match, when one was found."""
     copies: Counter[tuple[int, PodEntry]] = field(default_factory=Counter)
     """Extra physical copies of a block beyond the first (vLLM can store one hash twice)."""
+    entries: dict[tuple[str | None, int | None], PodEntry] = field(default_factory=dict)
+    """The pod's entry per (medium, group) as events name them, built once."""
+
+    def entry(self, medium: str | None, group: int | None) -> PodEntry:
+        """The index entry of a block on this pod, tier from the event's medium."""
+        found = self.entries.get((medium, group))
+        if found is None:
+            found = self.entries[(medium, group)] = PodEntry(
+                self.pod, (medium or GPU).lower(), False, group
+            )
+        return found
 
 
 @dataclass
@@ -135,9 +146,8 @@ class _Chain:
 
 def _plain_text(event: BlockStored) -> bool:
     """No LoRA name and no extra keys: the event's keys follow from its tokens alone."""
-    return not event.lora_name and (
-        event.extra_keys is None or all(key is None for key in event.extra_keys)
-    )
+    extra = event.extra_keys
+    return not event.lora_name and (extra is None or extra.count(None) == len(extra))
 
 
 def _candidate_schemes(block_size: int, configured: KeyScheme) -> list[tuple[str, KeyScheme]]:
@@ -177,7 +187,10 @@ class EventApplier:
         self.stats = IngestStats()
         self._chain = _Chain(scheme)
         self._on_alarm = on_alarm
+        # The run of consecutive same-kind operations of one pod and entry not yet applied:
+        # stores (identity mode) or removals, applied with one index call each.
         self._pending: list[int] = []
+        self._pending_removal = False
         self._pending_state: PodState | None = None
         self._pending_entry: PodEntry | None = None
 
@@ -219,27 +232,47 @@ class EventApplier:
         if state is None:
             state = self.pods[pod] = PodState(pod)
         model = message.model or ""
+        stored = removed = 0
+        # While a removal run is open (engines send one BlockRemoved per block, back to back),
+        # a removal of the same medium and group only extends it: the hot path of the loop.
+        run: list[int] | None = None
+        run_medium: str | None = None
+        run_group: int | None = None
         for event in batch.events:
             try:
+                if type(event) is BlockRemoved:
+                    removed += 1
+                    if (
+                        run is not None
+                        and event.medium == run_medium
+                        and event.group_idx == run_group
+                    ):
+                        run.extend(event.block_hashes)
+                        continue
+                    self._removed(state, event)
+                    run, run_medium, run_group = self._pending, event.medium, event.group_idx
+                    continue
+                run = None  # anything else may apply the run
                 if type(event) is BlockStored:
                     self._stored(state, event, model)
-                    stats.events_applied["BlockStored"] += 1
-                    continue
-                self._flush()
-                if type(event) is BlockRemoved:
-                    self._removed(state, event)
-                    stats.events_applied["BlockRemoved"] += 1
+                    stored += 1
                 elif type(event) is AllBlocksCleared:
+                    self._flush()
                     self._clear(state)
                     stats.events_applied["AllBlocksCleared"] += 1
             except KVCacheError as exc:
                 # Input the decoder let through but the index or hashing refuses (e.g. a token
                 # id beyond u32): that event only.
+                run = None
                 self._reject_unapplicable(pod, message.seq, exc)
         try:
             self._flush()
         except KVCacheError as exc:
             self._reject_unapplicable(pod, message.seq, exc)
+        if stored:
+            stats.events_applied["BlockStored"] += stored
+        if removed:
+            stats.events_applied["BlockRemoved"] += removed
 
     def _reject_unapplicable(self, pod: str, seq: int, exc: KVCacheError) -> None:
         self._pending = []
@@ -285,7 +318,7 @@ class EventApplier:
         hashes = event.block_hashes
         if not hashes:
             return
-        entry = PodEntry(state.pod, (event.medium or GPU).lower(), False, event.group_idx)
+        entry = state.entry(event.medium, event.group_idx)
         if not event.token_ids:
             self._flush()
             self._tier_update(state, hashes, entry)
@@ -300,21 +333,35 @@ class EventApplier:
             self._stored_dual(state, event, entry, model)
             return
         # Identity: the hashes are our keys. Consecutive stores of the same pod and entry are
-        # coalesced into one index add (an add has a fixed cost of tens of microseconds).
-        if self._pending and (self._pending_state is not state or self._pending_entry != entry):
+        # coalesced into one index add.
+        self._coalesce(state, entry, hashes, removal=False)
+
+    def _coalesce(
+        self, state: PodState, entry: PodEntry, keys: Sequence[int], *, removal: bool
+    ) -> None:
+        """Queue keys onto the pending run, applying the run first if this one differs."""
+        if self._pending and (
+            self._pending_removal is not removal
+            or self._pending_state is not state
+            or self._pending_entry != entry
+        ):
             self._flush()
-        self._pending.extend(hashes)
+        self._pending.extend(keys)
+        self._pending_removal = removal
         self._pending_state = state
         self._pending_entry = entry
 
     def _flush(self) -> None:
-        """Apply the coalesced identity-mode stores."""
+        """Apply the pending run: one index add (stores) or one evict_many (removals)."""
         keys = self._pending
         if not keys:
             return
         state, entry = self._pending_state, self._pending_entry
         assert state is not None and entry is not None
         self._pending = []
+        if self._pending_removal:
+            self._evict_run(state, entry, keys)
+            return
         self.stats.blocks_stored += len(keys)
         copies = state.copies
         if len(set(keys)) != len(keys):
@@ -439,11 +486,17 @@ class EventApplier:
     # -- BlockRemoved / AllBlocksCleared ------------------------------------------------------
 
     def _removed(self, state: PodState, event: BlockRemoved) -> None:
-        entry = PodEntry(state.pod, (event.medium or GPU).lower(), False, event.group_idx)
-        key_type = KeyType.ENGINE if state.mode is HashMode.DUAL else KeyType.REQUEST
+        # Engines send one BlockRemoved per block: consecutive ones are applied as one run.
+        self._coalesce(
+            state, state.entry(event.medium, event.group_idx), event.block_hashes, removal=True
+        )
+
+    def _evict_run(self, state: PodState, entry: PodEntry, keys: list[int]) -> None:
+        self.stats.blocks_removed += len(keys)
         copies = state.copies
-        for key in event.block_hashes:
-            if copies:
+        if copies:
+            kept = []
+            for key in keys:
                 held = copies.get((key, entry), 0)
                 if held:
                     # Another physical copy of the same block is still resident on the pod.
@@ -452,8 +505,11 @@ class EventApplier:
                     else:
                         copies[(key, entry)] = held - 1
                     continue
-            self.index.evict(key, key_type, (entry,))
-        self.stats.blocks_removed += len(event.block_hashes)
+                kept.append(key)
+            keys = kept
+        key_type = KeyType.ENGINE if state.mode is HashMode.DUAL else KeyType.REQUEST
+        if keys:
+            self.index.evict_many(keys, key_type, (entry,))
 
     def _clear(self, state: PodState) -> None:
         self.index.clear(state.pod)

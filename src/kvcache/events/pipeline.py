@@ -3,6 +3,11 @@
 Each pod always lands on the same shard (a stable hash of its id), so its events are applied in
 arrival order by one worker. A full queue drops the message and counts it; the sequence number
 of the pod's next message then shows the loss as a gap, exactly like a network loss.
+
+With one shard (the default) there is no queue and no worker: `submit` decodes and applies on
+the caller's thread (the ZMQ receive thread). On CPython a hand-off to another thread only adds
+GIL traffic, and the socket's own receive buffer (bounded by its high-water mark; a drop shows as
+a sequence gap) already holds what arrives while a message is applied.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import queue
 import threading
 import zlib
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from kvcache.events.apply import EventApplier, HashMode
@@ -23,6 +28,13 @@ from kvcache.index.protocol import Index
 log = logging.getLogger("kvcache.events")
 
 _STOP = object()
+
+
+class _Call:
+    """A function a shard's worker runs in order with the messages queued before it."""
+
+    def __init__(self, run: Callable[[], None]) -> None:
+        self.run = run
 
 
 def shard_of(pod: str, shards: int) -> int:
@@ -38,7 +50,7 @@ class IngestPipeline:
         index: Index,
         scheme: KeyScheme,
         *,
-        shards: int = 2,
+        shards: int = 1,
         queue_size: int = 10_000,
         dp_rank_in_pod_id: bool = False,
     ) -> None:
@@ -52,10 +64,14 @@ class IngestPipeline:
         ]
         self._workers: list[threading.Thread] = []
         self._lock = threading.Lock()
+        self._inline = self.shards == 1
+        self._apply_lock = threading.Lock()  # inline mode: callers on several threads queue here
         self.overflow: Counter[str] = Counter()
 
     def start(self) -> None:
-        """Start the worker threads."""
+        """Start the worker threads (none with one shard: messages are applied inline)."""
+        if self._inline:
+            return
         for number, (applier, inbox) in enumerate(zip(self.appliers, self._queues, strict=True)):
             worker = threading.Thread(
                 target=self._work, args=(applier, inbox), name=f"kvcache-ingest-{number}"
@@ -65,7 +81,17 @@ class IngestPipeline:
             self._workers.append(worker)
 
     def submit(self, frames: Sequence[bytes]) -> bool:
-        """Queue one raw message; False (and counted) when its shard's queue is full."""
+        """Queue one raw message; False (and counted) when its shard's queue is full.
+
+        With one shard the message is decoded and applied before this returns.
+        """
+        if self._inline:
+            with self._apply_lock:
+                try:
+                    self.appliers[0].apply(decode_frames(frames))
+                except Exception:  # a bug must not stop ingest for every other pod
+                    log.exception("failed to apply a message")
+            return True
         topic = frames[0] if frames else b""
         try:
             pod = parse_topic(bytes(topic).decode("utf-8"))[0]
@@ -79,6 +105,27 @@ class IngestPipeline:
                 self.overflow[pod] += 1
             return False
         return True
+
+    def forget_pod(self, pod: str, timeout: float = 30.0) -> int:
+        """Drop a pod that left the fleet: its ingest state and every index entry; returns the
+        entries removed. Runs in order with the pod's queued messages (after them)."""
+        applier = self.appliers[shard_of(pod, self.shards)]
+        if self._inline or not self._workers:
+            with self._apply_lock:
+                return applier.forget_pod(pod)
+        done = threading.Event()
+        removed: list[int] = []
+
+        def forget() -> None:
+            try:
+                removed.append(applier.forget_pod(pod))
+            finally:
+                done.set()
+
+        self._queues[shard_of(pod, self.shards)].put(_Call(forget))
+        if not done.wait(timeout):
+            raise TimeoutError(f"forgetting pod {pod!r} took longer than {timeout} s")
+        return removed[0]
 
     def stop(self, timeout: float = 30.0) -> None:
         """Apply everything already queued, then stop the workers."""
@@ -107,6 +154,9 @@ class IngestPipeline:
             try:
                 if frames is _STOP:
                     return
+                if type(frames) is _Call:
+                    frames.run()
+                    continue
                 applier.apply(decode_frames(frames))
             except Exception:  # a bug must not stop ingest for every other pod
                 log.exception("failed to apply a message")

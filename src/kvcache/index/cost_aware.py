@@ -80,6 +80,7 @@ class CostAwareIndex(TableIndex):
         *,
         engine_map_fraction: float = 0.2,
         evict_fraction: float = 1 / 256,
+        kernels: bool | None = None,
     ) -> None:
         budget = parse_size(budget_bytes)
         if budget < MIN_BUDGET:
@@ -110,6 +111,7 @@ class CostAwareIndex(TableIndex):
             max_engine_keys=int(engine_cap * _MAX_LIVE),
             pod_cache_size=pod_cache_size,
             evict_fraction=evict_fraction,
+            kernels=kernels,
         )
 
     def _maintain(self) -> None:

@@ -34,6 +34,14 @@ from kvcache.blocks import KeyType, PodEntry
 from kvcache.errors import ConfigError, IndexOperationError, InvalidKeyError, UnknownKeyError
 from kvcache.index.table import SlotTable, mix, mix1, round_capacity
 
+try:
+    from kvcache.index import _kernels as _native
+except ImportError:  # built without a C compiler: the numpy paths serve
+    _native = None  # type: ignore[assignment]
+
+KERNELS_AVAILABLE = _native is not None
+"""Whether the compiled main-table kernels were built (see `TableIndex`'s ``kernels``)."""
+
 _ID_MASK = 0x7FFF_FFFF
 _MAPPED = 0x8000_0000
 _MAX_SET_IDS = _ID_MASK
@@ -360,13 +368,24 @@ class TableIndex:
         max_engine_keys: int,
         pod_cache_size: int | None,
         evict_fraction: float,
+        kernels: bool | None = None,
     ) -> None:
         if pod_cache_size is not None and pod_cache_size < 1:
             raise ConfigError("pod_cache_size", f"must be >= 1 or None, got {pod_cache_size}")
         if not 0.0 <= evict_fraction <= 0.5:
             raise ConfigError("evict_fraction", f"must be in [0, 0.5], got {evict_fraction}")
+        if kernels and not KERNELS_AVAILABLE:
+            raise ConfigError("kernels", "the compiled kernels were not built in this install")
         self._lock = threading.Lock()
         self._main = main
+        # The C kernels know the main table's 16-byte row layout and nothing else.
+        self._kernels = (
+            kernels is not False
+            and KERNELS_AVAILABLE
+            and main.rows.dtype.itemsize == _native.ROW_BYTES
+            and [(main.rows.dtype.fields or {})[n][1] for n in ("key", "set", "clock")]
+            == [0, 8, 12]
+        )
         self._engine = engine
         self._main_recency = Recency(main, self._row_clocks, seed=1)
         self._engine_recency = Recency(engine, self._mapping_clocks, seed=2)
@@ -392,6 +411,11 @@ class TableIndex:
         }
 
     @property
+    def kernels(self) -> bool:
+        """Whether the compiled kernels serve adds, removals and lookups of the main table."""
+        return self._kernels
+
+    @property
     def _set_col(self) -> NDArray[np.uint32]:
         """The main table's set-id column (re-read: growth reallocates the arrays)."""
         return self._main.cols["set"]  # type: ignore[return-value]
@@ -408,21 +432,25 @@ class TableIndex:
         if _sized(request_keys, 1) and (engine_keys is None or _sized(engine_keys, 1)):
             return self._add1(engine_keys, request_keys, ents)
         r, e = add_keys(engine_keys, request_keys)
-        hr = mix(r)
+        hr = r if e is None and self._kernels else mix(r)
         with self._lock:
             now = self._tick()
             self._counters["adds"] += 1
             self._counters["admitted_keys"] += r.size
             ents = self._sets.canonical(ents)
             offset = max(0, r.size - self._max_keys)  # only the newest keys can survive anyway
+            if e is None and self._kernels:
+                positions = self._write_native(r[offset:], ents, now)
+                self._maintain()
+                return r[offset:][positions].tolist() if positions else []
             slots, again = self._write(hr[offset:], ents, now)
             if e is not None:
                 self._map(e, r, slots, offset, now)
             self._maintain()
         if again is None:
             return []
-        repeated: list[int] = r[offset:][again].tolist()
-        return repeated
+        # a key repeated in the batch is reported once
+        return list(dict.fromkeys(r[offset:][again].tolist()))
 
     def _add1(
         self, engine_keys: Sequence[int] | None, request_keys: Sequence[int], ents: Entries
@@ -490,6 +518,13 @@ class TableIndex:
     def _prefix_ids(self, r: NDArray[np.uint64]) -> NDArray[np.uint32]:
         """Set ids of the longest prefix of keys present (lock held); stamps their recency."""
         self._counters["lookups"] += 1
+        if self._kernels:
+            main = self._main
+            now = self._tick()
+            found, status = _native.prefix(main.rows, main.cap, main.seg_mask, r, _ID_MASK, now)
+            if status == _native.DONE:
+                return np.frombuffer(found, dtype=np.uint32)
+            # a key of the prefix lives in a reserved row: the numpy path handles those
         slots = self._main.find(mix(r))
         ids = self._set_col[slots]
         if self._identity_used:
@@ -528,6 +563,51 @@ class TableIndex:
             else:  # pragma: no cover - closed enum
                 raise IndexOperationError(f"evict: unknown key type {key_type!r}")
             self._maintain()
+
+    def evict_many(
+        self, keys: Sequence[int], key_type: KeyType, entries: Iterable[PodEntry]
+    ) -> None:
+        ents = frozenset(_as_entries(entries, "evict"))
+        k = as_keys(keys, "keys")
+        if not isinstance(key_type, KeyType):
+            raise IndexOperationError(f"evict: unknown key type {key_type!r}")
+        if not k.size:
+            return
+        with self._lock:
+            self._counters["evicts"] += int(k.size)
+            if key_type is KeyType.REQUEST and self._kernels:
+                self._discard_native(k, ents)
+            elif key_type is KeyType.REQUEST:
+                for h in mix(k).tolist():
+                    self._discard(h, ents)
+            else:
+                for h in mix(k).tolist():
+                    self._evict_engine(h, ents)
+            self._maintain()
+
+    def _discard_native(self, k: NDArray[np.uint64], ents: frozenset[PodEntry]) -> None:
+        """`_discard` of every key by the compiled kernel (keys unmixed)."""
+        main, sets = self._main, self._sets
+        sizes = sets.sizes
+
+        def removed(sid: int) -> tuple[int, int]:
+            nid = sets.with_removed(sid, ents)
+            return nid, sizes[nid] - sizes[sid]
+
+        pos = 0
+        while True:
+            stop, status, live_delta, pairs, _, error = _native.remove(
+                main.rows, main.cap, main.seg_mask, k, pos, removed
+            )
+            main.live += live_delta
+            self._pairs += pairs
+            if status == _native.DONE:
+                return
+            if status == _native.FAILED:
+                assert error is not None
+                raise error
+            self._discard(mix1(int(k[stop])), ents)  # SPECIAL: a reserved-row key
+            pos = stop + 1
 
     def clear(self, pod: str) -> int:
         with self._lock:
@@ -607,21 +687,62 @@ class TableIndex:
         return self._now
 
     def _write1(self, h: int, ents: tuple[PodEntry, ...], now: int) -> tuple[int, bool]:
-        """Add ``ents`` to one row; returns its slot and whether they were all there already."""
+        """Add ``ents`` to one row; returns its slot and whether they were all there before
+        this add call (a row stamped ``now`` was written earlier in the same call)."""
         main = self._main
         slot = main.find1(h)
         if slot < 0 and main.live + 1 > self._max_keys:
             self._evict_keys(main.live + 1 - self._max_keys, now)
         slot, fresh = main.insert1(h, slot)
-        col = self._set_col
+        col, clock = self._set_col, main.cols["clock"]
         old = 0 if fresh else int(col[slot])
+        touched = not fresh and int(clock[slot]) == now
         sid = old & _ID_MASK
         nid = self._sets.with_added(sid, ents)
         col[slot] = nid | (old & _MAPPED)
-        main.cols["clock"][slot] = now
+        clock[slot] = now
         sizes = self._sets.sizes
         self._pairs += sizes[nid] - sizes[sid]
-        return slot, not fresh and nid == sid
+        return slot, not fresh and not touched and nid == sid
+
+    def _write_native(self, r: NDArray[np.uint64], ents: Entries, now: int) -> list[int]:
+        """`_write` by the compiled kernel (keys unmixed); returns the positions of the keys
+        that already held every entry. The kernel stops for what only Python does."""
+        main, sets = self._main, self._sets
+        sizes = sets.sizes
+
+        def added(sid: int) -> tuple[int, int]:
+            nid = sets.with_added(sid, ents)
+            return nid, sizes[nid] - sizes[sid]
+
+        again: list[int] = []
+        pos = 0
+        while True:
+            stop, status, main.used, main.live, pairs, more, error = _native.add(
+                main.rows, main.cap, main.seg_mask, r, pos, added, now,
+                main.used, main.max_used, main.live, self._max_keys,
+            )  # fmt: skip
+            self._pairs += pairs
+            again += more
+            if status == _native.DONE:
+                return again
+            if status == _native.FAILED:
+                assert error is not None
+                raise error
+            if status == _native.SPECIAL:
+                _, held = self._write1(mix1(int(r[stop])), ents, now)
+                if held:
+                    again.append(stop)
+                stop += 1
+            else:
+                fresh = int(np.count_nonzero(main.find(mix(r[stop:])) < 0))
+                if status == _native.NEED_EVICT:
+                    # Rows of this batch applied so far carry `now` and are never victims;
+                    # the rest are not stamped ahead (the stamp marks "added by this call").
+                    self._evict_keys(main.live + fresh - self._max_keys, now)
+                else:
+                    main.make_room(fresh)
+            pos = stop
 
     def _write(
         self, hr: NDArray[np.uint64], ents: tuple[PodEntry, ...], now: int
@@ -935,6 +1056,7 @@ class MemoryIndex(TableIndex):
         engine_map_size: int | None = None,
         evict_fraction: float = 1 / 256,
         initial_slots: int = 1024,
+        kernels: bool | None = None,
     ) -> None:
         if size < 1:
             raise ConfigError("size", f"must be >= 1, got {size}")
@@ -949,4 +1071,5 @@ class MemoryIndex(TableIndex):
             max_engine_keys=engine_size,
             pod_cache_size=pod_cache_size,
             evict_fraction=evict_fraction,
+            kernels=kernels,
         )

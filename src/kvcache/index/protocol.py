@@ -7,7 +7,8 @@ Semantics (see docs/design.md, "Index"):
   ``n = max(len(E), len(R))`` position ``i`` pairs ``E[i*len(E)//n]`` with ``R[i*len(R)//n]``
   (equal lengths 1:1, more engine keys many:1, more request keys 1:many); the last add wins
   for an engine key's mapping. Re-adding an entry is idempotent for the index and refreshes
-  recency; ``add`` returns the request keys that already held every given entry, so the write
+  recency; ``add`` returns the request keys that already held every given entry before the
+  call (a key repeated in the call at most once; order unspecified), so the write
   path can count a second physical copy of a block (vLLM stores one hash twice when it
   recomputes a block) instead of losing the block at its first removal.
 * ``lookup(request_keys, pods)`` walks the keys from the first one and returns, per key, the
@@ -16,6 +17,8 @@ Semantics (see docs/design.md, "Index"):
   empty or None ``pods`` means no filter; ``lookup([])`` is ``[]``.
 * ``evict(key, key_type, entries)`` removes exactly those entries. An engine key is resolved to
   its request keys; its mapping is dropped once all of them are empty. Unknown keys are a no-op.
+* ``evict_many(keys, key_type, entries)`` is ``evict`` of each key in order, in one call: engines
+  remove blocks one event per block, and a batch avoids a per-key call on the ingest path.
 * ``clear(pod)`` removes every entry of the pod on every tier and group.
 * ``request_key(engine_key)`` is the last request key mapped to an engine key.
 """
@@ -65,6 +68,15 @@ class Index(Protocol):
 
     def evict(self, key: int, key_type: KeyType, entries: Iterable[PodEntry]) -> None:
         """Remove exactly these entries from the key (engine keys resolve through the map)."""
+        ...
+
+    def evict_many(
+        self, keys: Sequence[int], key_type: KeyType, entries: Iterable[PodEntry]
+    ) -> None:
+        """`evict` of each key in turn (one call, one lock, no per-key round trip).
+
+        Raises InvalidKeyError, before evicting anything, if any key is not a u64.
+        """
         ...
 
     def clear(self, pod: str) -> int:

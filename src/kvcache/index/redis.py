@@ -421,13 +421,27 @@ class RedisIndex:
         k = as_key(key, "key")
         if not isinstance(key_type, KeyType):
             raise IndexOperationError(f"evict: unknown key type {key_type!r}")
-        self._count("evicts")
+        self._queue_evictions([_Evict(k, key_type, ents)])
+
+    def evict_many(
+        self, keys: Sequence[int], key_type: KeyType, entries: Iterable[PodEntry]
+    ) -> None:
+        ents = _as_entries(entries, "evict")
+        if not isinstance(key_type, KeyType):
+            raise IndexOperationError(f"evict: unknown key type {key_type!r}")
+        k = as_keys(keys, "keys").tolist()
+        if k:
+            self._queue_evictions([_Evict(key, key_type, ents) for key in k])
+
+    def _queue_evictions(self, ops: list[_Evict]) -> None:
+        """Evictions wait in a pending batch, flushed when full or by the background thread."""
+        self._count("evicts", len(ops))
         with self._pending_lock:
-            self._pending.append(_Evict(k, key_type, ents))
+            self._pending.extend(ops)
             queued = len(self._pending)
         if queued >= self.evict_batch:
             self._flush_pending()
-        elif queued == 1:
+        elif queued == len(ops):
             self._wake.set()
 
     def clear(self, pod: str) -> int:

@@ -140,6 +140,20 @@ class SlotTable:
     def nbytes(self) -> int:
         return int(self._rows.nbytes)
 
+    @property
+    def rows(self) -> NDArray[np.void]:
+        """The record array itself (for compiled kernels; reallocated by growth)."""
+        return self._rows
+
+    @property
+    def seg_mask(self) -> int:
+        return self._seg_mask
+
+    @property
+    def max_used(self) -> int:
+        """`used` may not exceed this; see `make_room`."""
+        return self._max_used
+
     @staticmethod
     def bytes_per_slot(columns: Mapping[str, DTypeLike]) -> int:
         return 8 + sum(np.dtype(dt).itemsize for dt in columns.values())

@@ -242,6 +242,50 @@ class IndexConformance:
         index.evict(1, ENGINE, [A, A_CPU])
         assert index.lookup([11]) == sets((B,))
 
+    def test_evict_many_request_keys(self, index: Index) -> None:
+        index.add(None, [11, 12, 13, 14], [A, B])
+        index.add(None, [15], [A])
+        index.evict_many([12, 404, 15, 12], REQUEST, [A])  # unknown and repeated keys: no-ops
+        assert index.lookup([11, 12, 13, 14], ["pod-a"]) == sets((A,))
+        assert index.lookup([13, 14], ["pod-a"]) == sets((A,), (A,))
+        assert index.lookup([12]) == sets((B,))
+        assert index.lookup([15]) == []
+        index.evict_many([], REQUEST, [A])
+        assert index.lookup([11]) == sets((A, B))
+
+    def test_evict_many_engine_keys(self, index: Index) -> None:
+        index.add([1, 2, 3], [11, 12, 13], [A])
+        index.add([4], [4], [A])  # an identity mapping
+        index.evict_many([3, 4, 404], ENGINE, [A])
+        assert index.lookup([11, 12, 13]) == sets((A,), (A,))
+        assert index.lookup([4]) == []
+        assert index.request_key(1) == 11
+        with pytest.raises(UnknownKeyError):
+            index.request_key(3)
+
+    def test_evict_many_equals_evict_one_by_one(self, index: Index) -> None:
+        rng = random.Random(7)
+        keys = [rng.randrange(1 << 64) for _ in range(300)] + [0, 1, MAX_KEY]
+        index.add(None, keys, [A, B])
+        index.add(None, keys[:100], [A_CPU])
+        gone = rng.sample(keys, 150)
+        index.evict_many(gone, REQUEST, [A, A_CPU])
+        for key in keys:
+            expected = {B} | (set() if key in gone else {A}) | (
+                {A_CPU} if key in keys[:100] and key not in gone else set()
+            )
+            assert index.lookup([key]) == [frozenset(expected)]
+
+    def test_evict_many_validates_before_evicting(self, index: Index) -> None:
+        index.add(None, [11, 12], [A])
+        for bad in (-1, 1 << 64, "7"):
+            with pytest.raises(IndexOperationError) as info:
+                index.evict_many([11, bad], REQUEST, [A])  # type: ignore[list-item]
+            assert repr(bad) in str(info.value)
+        with pytest.raises(IndexOperationError):
+            index.evict_many([11], REQUEST, [])
+        assert index.lookup([11, 12]) == sets((A,), (A,))
+
     # ------------------------------------------------------------------ engine mapping
 
     def test_one_to_one_mapping(self, index: Index) -> None:

@@ -15,9 +15,9 @@ A, B, C = PodEntry("pod-a"), PodEntry("pod-b"), PodEntry("pod-c")
 
 
 class TestMemoryConformance(IndexConformance):
-    @pytest.fixture
-    def index(self) -> Index:
-        return MemoryIndex()
+    @pytest.fixture(params=[True, False], ids=["kernels", "numpy"])
+    def index(self, request: pytest.FixtureRequest) -> Index:
+        return MemoryIndex(kernels=request.param)
 
 
 def present(index: MemoryIndex, keys: list[int]) -> list[int]:
