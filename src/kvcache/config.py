@@ -118,6 +118,28 @@ class HttpConfig(_Section, frozen=True):
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080
     max_body_bytes: PositiveInt = 16 * 1024 * 1024
     """Larger request bodies are refused with 413."""
+    token: str | None = None
+    """Bearer token required on every route but /healthz, /readyz and /metrics (HTTP and gRPC);
+    None disables auth. Prefer the KVCACHE_HTTP_TOKEN environment variable to a flag."""
+    max_tokens: PositiveInt = 1 << 20
+    """Most tokens a scoring request may carry (after tokenization); more get 400."""
+    max_pods: PositiveInt = 10_000
+    """Most candidate pods a request may name; more get 400."""
+
+
+class GrpcConfig(_Section, frozen=True):
+    """The gRPC API (indexer.v1.IndexerService, docs/grpc.md); off unless a port is set.
+
+    It shares the HTTP section's bearer token."""
+
+    host: str = "127.0.0.1"
+    """Interface to listen on (loopback by default; use 0.0.0.0 in a cluster)."""
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] | None = None
+    """None: no gRPC listener; 0 picks a free port."""
+    max_workers: PositiveInt = 8
+    """Threads serving RPCs."""
+    max_message_bytes: PositiveInt = 16 * 1024 * 1024
+    """Larger request messages are refused with RESOURCE_EXHAUSTED."""
 
 
 class LoraAdapterConfig(_Section, frozen=True):
@@ -173,6 +195,7 @@ class Config(_Section, frozen=True):
     scoring: ScoringConfig = msgspec.field(default_factory=ScoringConfig)
     events: EventsConfig = msgspec.field(default_factory=EventsConfig)
     http: HttpConfig = msgspec.field(default_factory=HttpConfig)
+    grpc: GrpcConfig = msgspec.field(default_factory=GrpcConfig)
     tokenization: TokenizationConfig = msgspec.field(default_factory=TokenizationConfig)
 
     @classmethod

@@ -45,6 +45,18 @@ def build_index(config: IndexConfig) -> Index:
     return MemoryIndex(size=config.memory.size, pod_cache_size=config.memory.pod_cache_size)
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class ScoreDetail:
+    """The scores of one request and what they are made of."""
+
+    scores: dict[str, float]
+    """Pod -> weighted count of leading blocks cached (`Indexer.score_tokens`)."""
+    matched_blocks: dict[str, int]
+    """Pod -> number of leading blocks cached on any tier (same pods as ``scores``)."""
+    blocks: int
+    """Full blocks of the request (the most any pod can match)."""
+
+
 class Indexer:
     """Scores pods for a prompt by the longest prefix of its blocks that each pod caches.
 
@@ -70,6 +82,8 @@ class Indexer:
         )
         self.index = index if index is not None else build_index(self.config.index)
         self.scorer = LongestPrefixScorer(self.config.scoring.tier_weights)
+        # No weights: every tier weighs 1.0, so the "score" is the number of leading blocks.
+        self._block_counter = LongestPrefixScorer({})
         self._lock = threading.Lock()
         self._requests = 0
         self._keys = 0
@@ -115,7 +129,36 @@ class Indexer:
         started = time.perf_counter()
         runs = self.index.lookup_runs(keys, pods or None)
         scores = self.scorer.score_runs(runs)
-        elapsed = time.perf_counter() - started
+        self._record(keys, runs, time.perf_counter() - started)
+        return scores
+
+    def score_tokens_detailed(
+        self,
+        token_ids: Sequence[int],
+        model: str = "",
+        pods: Collection[str] | None = None,
+        *,
+        lora: str | None = None,
+        extra: RequestExtras | None = None,
+    ) -> ScoreDetail:
+        """`score_tokens` plus, per pod, how many leading blocks it holds on any tier.
+
+        One lookup serves both: the weighted score and the plain count can differ (a block held
+        only on cpu adds 0.8 to the score and 1 to the count).
+        """
+        keys = self.block_keys(token_ids, model, lora=lora, extra=extra)
+        if not keys:
+            return ScoreDetail({}, {}, 0)
+        started = time.perf_counter()
+        runs = self.index.lookup_runs(keys, pods or None)
+        scores = self.scorer.score_runs(runs)
+        self._record(keys, runs, time.perf_counter() - started)
+        counts = self._block_counter.score_runs(runs)
+        return ScoreDetail(scores, {pod: round(n) for pod, n in counts.items()}, len(keys))
+
+    def _record(
+        self, keys: Sequence[int], runs: Sequence[tuple[Collection[Any], int]], elapsed: float
+    ) -> None:
         with self._lock:
             self._requests += 1
             self._degraded += getattr(runs, "degraded", False)
@@ -124,7 +167,6 @@ class Indexer:
             self._max_pod_hits += hit
             self._bucket_counts[bisect.bisect_left(self._bounds, elapsed)] += 1
             self._latency_sum += elapsed
-        return scores
 
     # -- the read path from text (needs kvcache[hf]) ---------------------------------------------
 

@@ -109,7 +109,16 @@ class IngestPipeline:
     def forget_pod(self, pod: str, timeout: float = 30.0) -> int:
         """Drop a pod that left the fleet: its ingest state and every index entry; returns the
         entries removed. Runs in order with the pod's queued messages (after them)."""
-        applier = self.appliers[shard_of(pod, self.shards)]
+        # A "<publisher>@dp<rank>" pod lives on its publisher's shard, not on its own hash's.
+        shard = next(
+            (
+                n
+                for n, a in enumerate(self.appliers)
+                if pod in a.pods or any(key[0] == pod for key in list(a.sequences.streams))
+            ),
+            shard_of(pod, self.shards),
+        )
+        applier = self.appliers[shard]
         if self._inline or not self._workers:
             with self._apply_lock:
                 return applier.forget_pod(pod)
@@ -122,7 +131,7 @@ class IngestPipeline:
             finally:
                 done.set()
 
-        self._queues[shard_of(pod, self.shards)].put(_Call(forget))
+        self._queues[shard].put(_Call(forget))
         if not done.wait(timeout):
             raise TimeoutError(f"forgetting pod {pod!r} took longer than {timeout} s")
         return removed[0]
@@ -168,7 +177,21 @@ class IngestPipeline:
         return [inbox.qsize() for inbox in self._queues]
 
     def pod_states(self) -> dict[str, dict[str, Any]]:
-        """Per-pod ingest state: hash mode, sequence, gaps, resets, last event time."""
+        """Per-pod ingest state: hash mode, sequence, gaps, resets, last event time.
+
+        A snapshot: with queued shards it may be a message behind the workers.
+        """
+        if self._inline:
+            with self._apply_lock:
+                return self._pod_states()
+        for _ in range(8):  # a worker may add a pod while we iterate its dicts
+            try:
+                return self._pod_states()
+            except RuntimeError:
+                continue
+        return self._pod_states()
+
+    def _pod_states(self) -> dict[str, dict[str, Any]]:
         result: dict[str, dict[str, Any]] = {}
         for applier in self.appliers:
             for (publisher, rank), stream in applier.sequences.streams.items():

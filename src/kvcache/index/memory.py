@@ -379,12 +379,13 @@ class TableIndex:
         self._lock = threading.Lock()
         self._main = main
         # The C kernels know the main table's 16-byte row layout and nothing else.
+        layout = main.rows.dtype.fields
         self._kernels = (
             kernels is not False
             and KERNELS_AVAILABLE
+            and layout is not None
             and main.rows.dtype.itemsize == _native.ROW_BYTES
-            and [(main.rows.dtype.fields or {})[n][1] for n in ("key", "set", "clock")]
-            == [0, 8, 12]
+            and [layout[n][1] for n in ("key", "set", "clock")] == [0, 8, 12]
         )
         self._engine = engine
         self._main_recency = Recency(main, self._row_clocks, seed=1)
@@ -644,6 +645,22 @@ class TableIndex:
             self._sets.release(lut)  # every row holding these sets was just rewritten
             self._maintain()
             return removed
+
+    def pod_counts(self) -> dict[str, dict[str, int]]:
+        """Blocks held per pod and tier: one scan of the table (introspection, not a hot
+        path; it holds the lock for about a millisecond per million keys)."""
+        with self._lock:
+            n = len(self._sets.sets)
+            counts = np.zeros(n, dtype=np.int64)
+            for chunk in self._main.iter_live():
+                counts += np.bincount(self._set_col[chunk] & _ID_BITS, minlength=n)
+            sets = list(self._sets.sets)
+        out: dict[str, dict[str, int]] = {}
+        for sid in counts.nonzero()[0].tolist():
+            for e in sets[sid]:
+                tiers = out.setdefault(e.pod, {})
+                tiers[e.tier] = tiers.get(e.tier, 0) + int(counts[sid])
+        return out
 
     def request_key(self, engine_key: int) -> int:
         k = as_key(engine_key, "engine_key")

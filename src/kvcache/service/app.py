@@ -8,14 +8,18 @@ import signal
 import sys
 from collections.abc import Iterator
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvcache.config import Config
 from kvcache.events.pipeline import IngestPipeline
 from kvcache.events.subscriber import Subscriber
+from kvcache.index.protocol import Index
 from kvcache.indexer import Indexer
 from kvcache.metrics import build_registry
-from kvcache.service.http import HttpApp
+from kvcache.service.http import HttpApp, PodInspector
+
+if TYPE_CHECKING:
+    from kvcache.service.grpc_server import GrpcServer
 
 log = logging.getLogger("kvcache.service")
 
@@ -41,13 +45,51 @@ class Service:
             topic_filter=events.topic_filter,
         )
         self.registry = build_registry(self.indexer.statistics, self.ingest_statistics)
+        self.pods: PodInspector = IngestPods(self.pipeline, self.indexer.index)
         self.http = HttpApp(
             self.indexer,
             self.registry,
             max_body_bytes=config.http.max_body_bytes,
             healthy=lambda: self.subscriber.running,
+            ready=self.ready,
+            pods=self.pods,
+            token=config.http.token,
+            max_tokens=config.http.max_tokens,
+            max_pods=config.http.max_pods,
             offload_scoring=config.index.backend == "redis",
         )
+
+        self.grpc: GrpcServer | None = None
+        if config.grpc.port is not None:
+            from kvcache.service.grpc_server import GrpcServer
+
+            self.grpc = GrpcServer(
+                self.indexer,
+                host=config.grpc.host,
+                port=config.grpc.port,
+                token=config.http.token,
+                max_workers=config.grpc.max_workers,
+                max_message_bytes=config.grpc.max_message_bytes,
+            )
+
+    def ready(self) -> bool:
+        """Subscribers are up and, for a shared index, its server answers (blocking)."""
+        if not self.subscriber.running:
+            return False
+        if self.config.index.backend != "redis":
+            return True
+        from kvcache.index.redis import RedisIndex
+
+        index = self.indexer.index
+        if not isinstance(index, RedisIndex):
+            return True
+        stats = index.statistics()
+        if stats["nodes_down"] or not stats["nodes"]:
+            return False
+        # A round trip to every live node; raises when one does not answer.
+        # TODO(lead): a RedisIndex.ping() would be cheaper than INFO + DBSIZE.
+        index.server_info()
+        return True
 
     def ingest_statistics(self) -> dict[str, Any]:
         """Pipeline counters plus what the transport received."""
@@ -59,9 +101,13 @@ class Service:
         """Start ingest: workers first, then the socket that feeds them."""
         self.pipeline.start()
         self.subscriber.start()
+        if self.grpc is not None:
+            self.grpc.start()
 
     def stop(self) -> None:
         """Stop receiving, then apply what is queued (no queued work is lost)."""
+        if self.grpc is not None:
+            self.grpc.stop(grace=5.0)
         self.subscriber.stop()
         self.pipeline.stop()
 
@@ -81,7 +127,14 @@ class Service:
         return "\n".join(
             [
                 f"kvcache: HTTP on http://{http.host}:{http.port} "
-                "(POST /score_tokens, GET /healthz, GET /metrics)",
+                "(POST /score_tokens, /score_completions, /score_chat_completions, "
+                "/v1/completions, /v1/chat/completions; GET /healthz, /readyz, /metrics, "
+                "/pods, /pods/{pod}, /openapi.json; DELETE /pods/{pod})",
+                *(
+                    [f"kvcache: gRPC on {self.grpc.address} (indexer.v1.IndexerService)"]
+                    if self.grpc is not None
+                    else []
+                ),
                 f"kvcache: ZMQ SUB bound on {bound}; dialling {dialled}",
                 f"kvcache: keys = {self.indexer.scheme!r}",
                 "kvcache: point vLLM at it with:",
@@ -90,6 +143,58 @@ class Service:
                 f"    --kv-events-config '{events_config}'",
             ]
         )
+
+
+class IngestPods:
+    """`PodInspector` over the ingest pipeline's per-pod state.
+
+    Reads state the ingest workers write: a snapshot may be a batch behind, never wrong.
+    """
+
+    def __init__(self, pipeline: IngestPipeline, index: Index) -> None:
+        self.pipeline = pipeline
+        self.index = index
+
+    def _counts(self) -> dict[str, dict[str, int]] | None:
+        """Blocks per pod and tier, from backends that can count them (the in-process ones)."""
+        count = getattr(self.index, "pod_counts", None)
+        return count() if callable(count) else None
+
+    def pods(self) -> list[dict[str, Any]]:
+        """Every pod ingest knows (as `PodInfo` fields)."""
+        counts = self._counts()
+        return [_pod_info(pod, state, counts) for pod, state in self.pipeline.pod_states().items()]
+
+    def pod(self, pod: str) -> dict[str, Any] | None:
+        """One pod, or None."""
+        state = self.pipeline.pod_states().get(pod)
+        return None if state is None else _pod_info(pod, state, self._counts())
+
+    def clear(self, pod: str) -> int:
+        """Forget the pod's ingest state and remove its index entries."""
+        return self.pipeline.forget_pod(pod)
+
+
+def _pod_info(
+    pod: str, state: dict[str, Any], counts: dict[str, dict[str, int]] | None
+) -> dict[str, Any]:
+    streams: dict[str, dict[str, Any]] = state.get("streams", {})
+    times = [s["last_event_time"] for s in streams.values() if s.get("last_event_time")]
+    return {
+        "pod": pod,
+        "hash_mode": state.get("hash_mode"),
+        "matched_scheme": state.get("matched_scheme"),
+        "verified_events": state.get("verified_events", 0),
+        "last_seq": max((s["last_seq"] for s in streams.values()), default=-1),
+        "gaps": sum(s["gaps"] for s in streams.values()),
+        "lost_batches": sum(s["lost_batches"] for s in streams.values()),
+        "resets": sum(s["resets"] for s in streams.values()),
+        "last_event_time": max(times) if times else None,
+        # null where the backend cannot count (Redis: it would scan the shared keyspace)
+        "blocks": None if counts is None else sum(counts.get(pod, {}).values()),
+        "tiers": None if counts is None else counts.get(pod, {}),
+        "streams": streams,
+    }
 
 
 def serve(config: Config) -> None:

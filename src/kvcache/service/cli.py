@@ -104,6 +104,8 @@ def serve_config(args: argparse.Namespace) -> Config:
     for section, key, value in (
         ("http", "host", args.http_host),
         ("http", "port", args.http_port),
+        ("grpc", "host", args.grpc_host),
+        ("grpc", "port", args.grpc_port),
         ("hashing", "scheme", args.hash_scheme),
         ("hashing", "seed", args.hash_seed),
         ("hashing", "block_size", args.block_size),
@@ -188,6 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--http-host", default=None, help="HTTP interface (default 127.0.0.1)")
     serve.add_argument("--http-port", type=int, default=None, help="HTTP port (default 8080)")
+    serve.add_argument("--grpc-host", default=None, help="gRPC interface (default 127.0.0.1)")
+    serve.add_argument(
+        "--grpc-port", type=int, default=None, help="gRPC port (default: no gRPC listener)"
+    )
     serve.add_argument("--hash-scheme", default=None, help=f"one of {', '.join(SCHEME_NAMES)}")
     serve.add_argument("--hash-seed", default=None, help="the engines' PYTHONHASHSEED")
     serve.add_argument("--block-size", type=int, default=None, help="the engines' block size")

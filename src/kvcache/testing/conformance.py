@@ -271,8 +271,10 @@ class IndexConformance:
         gone = rng.sample(keys, 150)
         index.evict_many(gone, REQUEST, [A, A_CPU])
         for key in keys:
-            expected = {B} | (set() if key in gone else {A}) | (
-                {A_CPU} if key in keys[:100] and key not in gone else set()
+            expected = (
+                {B}
+                | (set() if key in gone else {A})
+                | ({A_CPU} if key in keys[:100] and key not in gone else set())
             )
             assert index.lookup([key]) == [frozenset(expected)]
 

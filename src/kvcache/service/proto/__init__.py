@@ -1,0 +1,1 @@
+"""Generated gRPC modules for indexer.proto (regenerate with scripts/gen-grpc.sh; never edit)."""
