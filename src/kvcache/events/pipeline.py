@@ -119,15 +119,21 @@ class IngestPipeline:
             shard_of(pod, self.shards),
         )
         applier = self.appliers[shard]
+
+        def forget_all() -> int:
+            # with dp_rank_in_pod_id its ranks are pods "<pod>@dp<rank>" of their own
+            ranks = [p for p in applier.pods if p.startswith(pod + "@dp")]
+            return sum(applier.forget_pod(name) for name in [pod, *ranks])
+
         if self._inline or not self._workers:
             with self._apply_lock:
-                return applier.forget_pod(pod)
+                return forget_all()
         done = threading.Event()
         removed: list[int] = []
 
         def forget() -> None:
             try:
-                removed.append(applier.forget_pod(pod))
+                removed.append(forget_all())
             finally:
                 done.set()
 

@@ -3,11 +3,18 @@
 Two layouts: **bind** (engines connect to us, llm-d's centralised layout; default
 ``tcp://*:5557``) and **connect** (we dial each engine's PUB endpoint). ZMQ reconnects dialled
 endpoints by itself, and a bound socket simply accepts publishers as they (re)appear.
+
+Dialled endpoints can also change while running (`add_endpoint` / `remove_endpoint`, used by pod
+discovery). ZMQ sockets are not thread-safe, so callers only record the wanted set; the receive
+thread, woken through a socket pair, connects and disconnects to match it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import re
+import socket as stdsocket
 import threading
 from collections.abc import Callable, Sequence
 
@@ -18,6 +25,26 @@ from kvcache.errors import ConfigError
 log = logging.getLogger("kvcache.events")
 
 FrameSink = Callable[[list[bytes]], object]
+
+# Transports a SUB socket can dial; tcp addresses must also name a host and a port.
+_TRANSPORTS = frozenset({"tcp", "ipc", "inproc", "pgm", "epgm", "tipc", "vmci", "ws", "wss"})
+_TCP_ADDRESS = re.compile(
+    r"^(?:\[(?P<v6>[0-9A-Fa-f:.%\w]+)\]|(?P<host>[^:\[\]*/\s]+)):(?P<port>\d+)$"
+)
+
+
+def validate_dial_endpoint(endpoint: str) -> str:
+    """Return ``endpoint`` if a SUB socket can dial it, else raise ConfigError saying why."""
+    scheme, sep, address = endpoint.partition("://")
+    if not sep or scheme not in _TRANSPORTS or not address or address != address.strip():
+        raise ConfigError("events.zmq", f"not a ZMQ endpoint to connect to: {endpoint!r}")
+    if scheme == "tcp":
+        match = _TCP_ADDRESS.match(address)
+        if match is None or not 0 < int(match["port"]) < 65536:
+            raise ConfigError(
+                "events.zmq", f"tcp endpoints to connect to are tcp://host:port: {endpoint!r}"
+            )
+    return endpoint
 
 
 class Subscriber:
@@ -32,15 +59,24 @@ class Subscriber:
         topic_filter: str = "",
         receive_hwm: int = 100_000,
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
+        dynamic: bool = False,
     ) -> None:
-        if not bind and not connect:
+        """``dynamic=True`` allows starting with no endpoint: they come from `add_endpoint`."""
+        if not bind and not connect and not dynamic:
             raise ConfigError("events.zmq", "need at least one endpoint to bind or connect")
         for endpoint in (*bind, *connect):
             if "://" not in endpoint:
                 raise ConfigError("events.zmq", f"not a ZMQ endpoint: {endpoint!r}")
         self._sink = sink
         self._bind = list(bind)
-        self._connect = list(connect)
+        # The dialled endpoints wanted (insertion-ordered). Guarded by _lock; the receive thread
+        # makes the socket match it whenever _generation moves past _applied.
+        self._wanted: dict[str, None] = dict.fromkeys(connect)
+        self._lock = threading.Lock()
+        self._synced = threading.Condition(self._lock)
+        self._generation = 0
+        self._applied = 0
+        self._wake: tuple[stdsocket.socket, stdsocket.socket] | None = None
         self._topic = topic_filter.encode("utf-8")
         self._hwm = receive_hwm
         self._context = context or zmq.Context.instance()
@@ -51,9 +87,64 @@ class Subscriber:
         self.bound: list[str] = []
         """The endpoints actually bound (with the port the OS chose for ``tcp://...:0``)."""
         self.received = 0
+        self.endpoint_errors = 0
+        """Dynamic connects/disconnects that ZMQ refused (logged; the endpoint stays wanted)."""
+
+    @property
+    def endpoints(self) -> tuple[str, ...]:
+        """The endpoints dialled (or to be dialled once started), in the order added."""
+        with self._lock:
+            return tuple(self._wanted)
+
+    def add_endpoint(self, endpoint: str, timeout: float = 5.0) -> None:
+        """Dial ``endpoint`` too; idempotent, callable before or after `start` from any thread.
+
+        When running, returns once the receive thread has connected (or ``timeout`` passed).
+        Raises ConfigError for anything a SUB socket cannot dial.
+        """
+        validate_dial_endpoint(endpoint)
+        with self._lock:
+            if endpoint in self._wanted:
+                return
+            self._wanted[endpoint] = None
+            self._generation += 1
+            generation = self._generation
+        self._await_sync(generation, timeout)
+
+    def remove_endpoint(self, endpoint: str, timeout: float = 5.0) -> None:
+        """Stop dialling ``endpoint``; unknown endpoints are ignored.
+
+        When running, returns once the receive thread has disconnected: from then on nothing
+        more arrives from that endpoint (ZMQ discards what it had not yet handed over).
+        """
+        with self._lock:
+            if endpoint not in self._wanted:
+                return
+            del self._wanted[endpoint]
+            self._generation += 1
+            generation = self._generation
+        self._await_sync(generation, timeout)
+
+    def _await_sync(self, generation: int, timeout: float) -> None:
+        wake = self._wake
+        if wake is None:
+            return  # not started: start() dials what is wanted then
+        # OSError: the buffer is full (a wake-up is already pending) or the thread closed it.
+        with contextlib.suppress(OSError):
+            wake[1].send(b"\x00")
+        if threading.current_thread() is self._thread:
+            return  # called from the sink: the loop applies it after this batch
+        with self._synced:
+            self._synced.wait_for(
+                lambda: self._applied >= generation or self._wake is None, timeout
+            )
 
     def start(self, timeout: float = 10.0) -> None:
         """Open the socket on the receive thread; returns once it is bound/connected."""
+        receiver, sender = stdsocket.socketpair()
+        receiver.setblocking(False)
+        sender.setblocking(False)
+        self._wake = (receiver, sender)
         self._thread = threading.Thread(target=self._run, name="kvcache-zmq-sub", daemon=True)
         self._thread.start()
         if not self._ready.wait(timeout):
@@ -73,6 +164,10 @@ class Subscriber:
         return self._thread is not None and self._thread.is_alive()
 
     def _run(self) -> None:
+        assert self._wake is not None
+        wake = self._wake[0]
+        dialled: set[str] = set()
+        refused: set[str] = set()
         try:
             socket = self._context.socket(zmq.SUB)
             socket.setsockopt(zmq.RCVHWM, self._hwm)
@@ -81,30 +176,86 @@ class Subscriber:
             for endpoint in self._bind:
                 socket.bind(endpoint)
                 self.bound.append(socket.getsockopt_string(zmq.LAST_ENDPOINT))
-            for endpoint in self._connect:
-                socket.connect(endpoint)
+            with self._lock:
+                initial, self._applied = list(self._wanted), self._generation
+            for endpoint in initial:
+                _dial(socket, endpoint)
+                dialled.add(endpoint)
         except zmq.ZMQError as exc:
             self._error = exc
             self._ready.set()
+            self._close_wake()
             return
         self._ready.set()
         poller = zmq.Poller()
         poller.register(socket, zmq.POLLIN)
+        wake_fd = wake.fileno()  # the poller reports native sockets by descriptor
+        poller.register(wake_fd, zmq.POLLIN)
         sink = self._sink
         try:
             while not self._stop.is_set():
-                if not poller.poll(100):
-                    continue
-                # Drain what is queued before polling again: one poll per burst, not per message.
-                while True:
-                    try:
-                        frames = socket.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    self.received += 1
-                    sink(frames)
+                ready = dict(poller.poll(100))
+                if socket in ready:
+                    # Drain what is queued before polling again: one poll per burst.
+                    while True:
+                        try:
+                            frames = socket.recv_multipart(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        self.received += 1
+                        sink(frames)
+                if wake_fd in ready:
+                    with contextlib.suppress(BlockingIOError):
+                        wake.recv(4096)
+                    self._sync_endpoints(socket, dialled, refused)
         except Exception:  # the sink must never kill the transport silently
             log.exception("ZMQ subscriber stopped by an unexpected error")
             raise
         finally:
             socket.close(linger=0)
+            self._close_wake()
+
+    def _sync_endpoints(
+        self, socket: zmq.Socket[bytes], dialled: set[str], refused: set[str]
+    ) -> None:
+        """Connect/disconnect so the socket dials exactly the wanted endpoints."""
+        with self._lock:
+            wanted, generation = list(self._wanted), self._generation
+        refused.intersection_update(wanted)
+        for endpoint in dialled - set(wanted):
+            dialled.discard(endpoint)
+            try:
+                socket.disconnect(endpoint)
+            except zmq.ZMQError as exc:
+                self.endpoint_errors += 1
+                log.warning("ZMQ subscriber: cannot disconnect %s: %s", endpoint, exc)
+        for endpoint in wanted:
+            if endpoint in dialled or endpoint in refused:
+                continue
+            try:
+                _dial(socket, endpoint)
+            except zmq.ZMQError as exc:
+                # Not retried on every wake-up: it would only repeat the same refusal.
+                refused.add(endpoint)
+                self.endpoint_errors += 1
+                log.warning("ZMQ subscriber: cannot connect %s: %s", endpoint, exc)
+            else:
+                dialled.add(endpoint)
+        with self._synced:
+            self._applied = max(self._applied, generation)
+            self._synced.notify_all()
+
+    def _close_wake(self) -> None:
+        wake, self._wake = self._wake, None
+        if wake is not None:
+            wake[0].close()
+            wake[1].close()
+        with self._synced:
+            self._synced.notify_all()  # waiters see the thread gone
+
+
+def _dial(socket: zmq.Socket[bytes], endpoint: str) -> None:
+    # IPv6 pod addresses (tcp://[fd00::7]:5557) need the option set before connecting.
+    if endpoint.startswith("tcp://["):
+        socket.setsockopt(zmq.IPV6, 1)
+    socket.connect(endpoint)
