@@ -24,6 +24,7 @@ from kvcache.events.apply import EventApplier, HashMode
 from kvcache.events.decode import decode_frames, parse_topic
 from kvcache.hashing import KeyScheme
 from kvcache.index.protocol import Index
+from kvcache.priority import ReadPriority
 
 log = logging.getLogger("kvcache.events")
 
@@ -53,8 +54,10 @@ class IngestPipeline:
         shards: int = 1,
         queue_size: int = 10_000,
         dp_rank_in_pod_id: bool = False,
+        priority: ReadPriority | None = None,
     ) -> None:
         self.shards = max(1, shards)
+        self.priority = priority
         self.appliers = [
             EventApplier(index, scheme, dp_rank_in_pod_id=dp_rank_in_pod_id)
             for _ in range(self.shards)
@@ -74,7 +77,9 @@ class IngestPipeline:
             return
         for number, (applier, inbox) in enumerate(zip(self.appliers, self._queues, strict=True)):
             worker = threading.Thread(
-                target=self._work, args=(applier, inbox), name=f"kvcache-ingest-{number}"
+                target=self._work,
+                args=(applier, inbox, self.priority),
+                name=f"kvcache-ingest-{number}",
             )
             worker.daemon = True
             worker.start()
@@ -86,6 +91,8 @@ class IngestPipeline:
         With one shard the message is decoded and applied before this returns.
         """
         if self._inline:
+            if self.priority is not None:
+                self.priority.yield_to_readers()
             with self._apply_lock:
                 try:
                     self.appliers[0].apply(decode_frames(frames))
@@ -163,7 +170,9 @@ class IngestPipeline:
         return done.wait(timeout)
 
     @staticmethod
-    def _work(applier: EventApplier, inbox: queue.Queue[Any]) -> None:
+    def _work(
+        applier: EventApplier, inbox: queue.Queue[Any], priority: ReadPriority | None
+    ) -> None:
         while True:
             frames = inbox.get()
             try:
@@ -172,6 +181,8 @@ class IngestPipeline:
                 if type(frames) is _Call:
                     frames.run()
                     continue
+                if priority is not None:
+                    priority.yield_to_readers()
                 applier.apply(decode_frames(frames))
             except Exception:  # a bug must not stop ingest for every other pod
                 log.exception("failed to apply a message")
@@ -188,6 +199,8 @@ class IngestPipeline:
         A snapshot: with queued shards it may be a message behind the workers.
         """
         if self._inline:
+            if self.priority is not None:
+                self.priority.yield_to_readers()
             with self._apply_lock:
                 return self._pod_states()
         for _ in range(8):  # a worker may add a pod while we iterate its dicts

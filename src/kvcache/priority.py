@@ -1,0 +1,57 @@
+"""Scoring before ingest: a gate that pauses bulk ingest while a latency-critical read runs.
+
+On CPython the ingest thread and the scoring threads share one GIL. An ingest thread that
+releases the GIL often (every ZMQ receive) and takes it straight back keeps a waiting scoring
+thread from ever asking for a switch: measured, `score_tokens` p99 went from 0.8 ms idle to
+500 ms under full-rate ingest. Readers mark themselves active; the ingest loop, between two
+messages, waits (GIL released) until no read is active, for at most ``max_wait`` seconds, so
+ingest still progresses under a constant stream of reads. The engine's socket buffers what
+arrives meanwhile. After a wait that ran out, ingest applies ``burst`` messages without
+yielding, so a saturated reader cannot stop ingest either (at 100% scoring duty, ingest keeps
+~15% of its rate).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+class ReadPriority:
+    """Shared by the `Indexer` (readers) and the `IngestPipeline` (the writer)."""
+
+    def __init__(self, max_wait: float = 0.005, burst: int = 16) -> None:
+        self.max_wait = max_wait
+        self.burst = burst
+        self._credit = 0
+        self._active = 0
+        self._idle = threading.Condition(threading.Lock())
+        self.waits = 0
+        """Times ingest paused for a read (statistics)."""
+
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        """Mark a read in progress for the duration of the block."""
+        with self._idle:
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._idle:
+                self._active -= 1
+                if not self._active:
+                    self._idle.notify_all()
+
+    def yield_to_readers(self) -> None:
+        """Called by ingest between messages: wait while a read is active (bounded)."""
+        if not self._active:  # unlocked read: a stale answer costs one message, no more
+            return
+        if self._credit:
+            self._credit -= 1
+            return
+        with self._idle:
+            if self._active:
+                self.waits += 1
+                if not self._idle.wait_for(lambda: not self._active, timeout=self.max_wait):
+                    self._credit = self.burst
