@@ -312,7 +312,12 @@ class Kvcache:
         self.indexer = Indexer(
             Config.from_mapping({"hashing": {"scheme": SCHEME, "seed": seed, "block_size": 16}})
         )
-        self.pipeline = IngestPipeline(self.indexer.index, self.indexer.scheme, shards=shards)
+        self.pipeline = IngestPipeline(
+            self.indexer.index,
+            self.indexer.scheme,
+            shards=shards,
+            priority=self.indexer.read_priority,
+        )
         self.subscriber = Subscriber(self.pipeline.submit, connect=list(endpoints))
         self._keys: dict[int, list[int]] = {}
         self._switch = switch_interval

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import threading
 import time
@@ -11,15 +10,15 @@ from typing import TYPE_CHECKING, Any
 
 from kvcache.config import Config, IndexConfig
 from kvcache.hashing import KeyScheme, MMItem, RequestExtras, make_scheme
+from kvcache.histogram import LatencyHistogram
 from kvcache.index.protocol import Index
+from kvcache.priority import ReadPriority
 from kvcache.scoring import LongestPrefixScorer
 
 if TYPE_CHECKING:
-    from kvcache.tokenization.text import TextTokenizer, TokenizedPrompt
+    from opentelemetry.trace import Tracer
 
-# Prometheus' default histogram bounds (seconds), for lookup latency.
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
-_FINE_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025)
+    from kvcache.tokenization.text import TextTokenizer, TokenizedPrompt
 
 
 def build_index(config: IndexConfig) -> Index:
@@ -88,13 +87,15 @@ class Indexer:
         self._requests = 0
         self._keys = 0
         self._max_pod_hits = 0
-        # Lookups take microseconds: finer bounds below Prometheus' defaults.
-        self._bounds = _FINE_BUCKETS + LATENCY_BUCKETS
-        self._bucket_counts = [0] * (len(self._bounds) + 1)
-        self._latency_sum = 0.0
+        self._lookup_latency = LatencyHistogram()  # the index lookup alone (upstream's metric)
+        self._score_latency = LatencyHistogram()  # block keys + lookup + scorer
         self._degraded = 0  # lookups a shared backend answered only in part (server unreachable)
         self._text: TextTokenizer | None = None
         self._text_lock = threading.Lock()
+        self.tracer: Tracer | None = None
+        """Emits the score spans when set (`kvcache.tracing.tracer()`); None costs one check."""
+        self.read_priority = ReadPriority()
+        """Scoring marks itself here so that ingest (given the same object) pauses meanwhile."""
 
     def block_keys(
         self,
@@ -123,13 +124,28 @@ class Indexer:
         ``pods`` restricts the candidates (None or empty: all pods). Fewer tokens than one block
         give ``{}``.
         """
+        with self.read_priority.reading():
+            return self._score_tokens(token_ids, model, pods, lora, extra)
+
+    def _score_tokens(
+        self,
+        token_ids: Sequence[int],
+        model: str,
+        pods: Collection[str] | None,
+        lora: str | None,
+        extra: RequestExtras | None,
+    ) -> dict[str, float]:
+        if self.tracer is not None:
+            return self._traced(self.tracer, token_ids, model, pods, lora, extra, False).scores
+        started = time.perf_counter()
         keys = self.block_keys(token_ids, model, lora=lora, extra=extra)
         if not keys:
             return {}
-        started = time.perf_counter()
+        looking = time.perf_counter()
         runs = self.index.lookup_runs(keys, pods or None)
+        looked = time.perf_counter()
         scores = self.scorer.score_runs(runs)
-        self._record(keys, runs, time.perf_counter() - started)
+        self._record(keys, runs, started, looking, looked)
         return scores
 
     def score_tokens_detailed(
@@ -146,27 +162,108 @@ class Indexer:
         One lookup serves both: the weighted score and the plain count can differ (a block held
         only on cpu adds 0.8 to the score and 1 to the count).
         """
+        with self.read_priority.reading():
+            return self._score_tokens_detailed(token_ids, model, pods, lora, extra)
+
+    def _score_tokens_detailed(
+        self,
+        token_ids: Sequence[int],
+        model: str,
+        pods: Collection[str] | None,
+        lora: str | None,
+        extra: RequestExtras | None,
+    ) -> ScoreDetail:
+        if self.tracer is not None:
+            return self._traced(self.tracer, token_ids, model, pods, lora, extra, True)
+        started = time.perf_counter()
         keys = self.block_keys(token_ids, model, lora=lora, extra=extra)
         if not keys:
             return ScoreDetail({}, {}, 0)
-        started = time.perf_counter()
+        looking = time.perf_counter()
         runs = self.index.lookup_runs(keys, pods or None)
+        looked = time.perf_counter()
         scores = self.scorer.score_runs(runs)
-        self._record(keys, runs, time.perf_counter() - started)
+        self._record(keys, runs, started, looking, looked)
         counts = self._block_counter.score_runs(runs)
         return ScoreDetail(scores, {pod: round(n) for pod, n in counts.items()}, len(keys))
 
+    def _traced(  # noqa: PLR0917 (private; mirrors the public signatures)
+        self,
+        tracer: Tracer,
+        token_ids: Sequence[int],
+        model: str,
+        pods: Collection[str] | None,
+        lora: str | None,
+        extra: RequestExtras | None,
+        detailed: bool,
+    ) -> ScoreDetail:
+        """`score_tokens_detailed` inside upstream's ``score_tokens`` and ``scorer.compute`` spans.
+
+        The lookup span comes from the index when it is a `TracedIndex`.
+        """
+        with tracer.start_as_current_span("llm_d.kv_cache.score_tokens") as span:
+            started = time.perf_counter()
+            keys = self.block_keys(token_ids, model, lora=lora, extra=extra)
+            span.set_attributes(
+                {
+                    "gen_ai.request.model": model,
+                    "llm_d.kv_cache.pod_count": len(pods or ()),
+                    "llm_d.kv_cache.token_count": len(token_ids),
+                    "llm_d.kv_cache.block_keys.count": len(keys),
+                }
+            )
+            if not keys:
+                return ScoreDetail({}, {}, 0)
+            looking = time.perf_counter()
+            runs = self.index.lookup_runs(keys, pods or None)
+            looked = time.perf_counter()
+            found = sum(length for _, length in runs)
+            span.set_attributes(
+                {
+                    "llm_d.kv_cache.block_hit_ratio": found / len(keys),
+                    "llm_d.kv_cache.blocks_found": found,
+                }
+            )
+            with tracer.start_as_current_span("llm_d.kv_cache.scorer.compute") as compute:
+                compute.set_attributes(
+                    {
+                        "llm_d.kv_cache.scorer.algorithm": self.scorer.strategy,
+                        "llm_d.kv_cache.scorer.key_count": len(keys),
+                    }
+                )
+                scores = self.scorer.score_runs(runs)
+                if scores:
+                    compute.set_attributes(
+                        {
+                            "llm_d.kv_cache.score.max": max(scores.values()),
+                            "llm_d.kv_cache.score.avg": sum(scores.values()) / len(scores),
+                            "llm_d.kv_cache.scorer.pods_scored": len(scores),
+                        }
+                    )
+            self._record(keys, runs, started, looking, looked)
+            if not detailed:
+                return ScoreDetail(scores, {}, len(keys))
+            counts = self._block_counter.score_runs(runs)
+            return ScoreDetail(scores, {pod: round(n) for pod, n in counts.items()}, len(keys))
+
     def _record(
-        self, keys: Sequence[int], runs: Sequence[tuple[Collection[Any], int]], elapsed: float
+        self,
+        keys: Sequence[int],
+        runs: Sequence[tuple[Collection[Any], int]],
+        started: float,
+        looking: float,
+        looked: float,
     ) -> None:
+        """Count one scored request; times from `time.perf_counter` (start, lookup start/end)."""
+        done = time.perf_counter()
         with self._lock:
             self._requests += 1
             self._degraded += getattr(runs, "degraded", False)
             self._keys += len(keys)
             hit = sum(length for _, length in runs)
             self._max_pod_hits += hit
-            self._bucket_counts[bisect.bisect_left(self._bounds, elapsed)] += 1
-            self._latency_sum += elapsed
+            self._lookup_latency.observe(looked - looking)
+            self._score_latency.observe(done - started)
 
     # -- the read path from text (needs kvcache[hf]) ---------------------------------------------
 
@@ -261,25 +358,24 @@ class Indexer:
         return self._score_prompt(prompts[0], pods)
 
     def statistics(self) -> dict[str, Any]:
-        """Read-path counters plus the index backend's statistics."""
+        """Read-path counters, the index backend's statistics and, once text was tokenized, the
+        tokenizer's (``tokenization``)."""
         with self._lock:
-            cumulative = 0
-            buckets: list[tuple[str, float]] = []
-            for bound, count in zip(
-                (*self._bounds, float("inf")), self._bucket_counts, strict=True
-            ):
-                cumulative += count
-                buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
             reads = {
                 "score_requests": self._requests,
                 "degraded_lookups": self._degraded,
                 "block_keys_computed": self._keys,
                 "max_pod_hits": self._max_pod_hits,
-                "lookup_latency": {"buckets": buckets, "sum": self._latency_sum},
+                "lookup_latency": self._lookup_latency.snapshot(),
+                "score_latency": self._score_latency.snapshot(),
             }
-        return {
+        stats = {
             "scheme": self.scheme.name,
             "block_size": self.scheme.block_size,
             "read_path": reads,
             "index": self.index.statistics(),
         }
+        text = self._text  # never created here: that would load the tokenizer stack
+        if text is not None:
+            stats["tokenization"] = text.statistics()
+        return stats

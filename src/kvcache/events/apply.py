@@ -208,6 +208,7 @@ class EventApplier:
                 message.detail,
                 message.pod,
                 message.seq,
+                extra={"pod": message.pod, "seq": message.seq},
             )
             if message.pod is not None and message.seq is not None:
                 # The sequence number still counts: a later message must not look like a gap.
@@ -227,6 +228,7 @@ class EventApplier:
                 message.seq,
                 rejection.reason,
                 rejection.detail,
+                extra={"pod": pod, "seq": message.seq, "event": rejection.index},
             )
         state = self.pods.get(pod)
         if state is None:
@@ -277,7 +279,9 @@ class EventApplier:
     def _reject_unapplicable(self, pod: str, seq: int, exc: KVCacheError) -> None:
         self._pending = []
         self.stats.events_rejected["unapplicable"] += 1
-        log.warning("event of pod=%s seq=%d not applied: %s", pod, seq, exc)
+        log.warning(
+            "event of pod=%s seq=%d not applied: %s", pod, seq, exc, extra={"pod": pod, "seq": seq}
+        )
 
     def forget_pod(self, pod: str) -> int:
         """Drop everything about a pod (it left the fleet); returns entries removed."""
@@ -297,6 +301,7 @@ class EventApplier:
                 publisher,
                 rank,
                 *(gap or (None, None)),
+                extra={"pod": publisher, "rank": rank, "missing": gap},
             )
         elif verdict is SeqVerdict.RESET:
             self.stats.resets += 1
@@ -310,6 +315,7 @@ class EventApplier:
                 rank,
                 seq,
                 removed,
+                extra={"pod": publisher, "rank": rank, "seq": seq, "cleared": removed},
             )
 
     # -- BlockStored --------------------------------------------------------------------------
@@ -397,7 +403,12 @@ class EventApplier:
             state.verified_events += 1
             if state.mode is HashMode.UNVERIFIED:
                 state.mode = HashMode.IDENTITY
-                log.info("pod=%s publishes %s keys: identity mode", state.pod, self.scheme.name)
+                log.info(
+                    "pod=%s publishes %s keys: identity mode",
+                    state.pod,
+                    self.scheme.name,
+                    extra={"pod": state.pod, "scheme": self.scheme.name},
+                )
             return
         self.stats.hash_mismatches += 1
         state.matched_scheme = self._detect(event)
@@ -417,7 +428,7 @@ class EventApplier:
             + (" after identity mode." if previous is HashMode.IDENTITY else ".")
             + " Configure hashing.scheme/seed/block_size to match the engine for the fast path."
         )
-        log.warning("%s", message)
+        log.warning("%s", message, extra={"pod": state.pod, "matched_scheme": state.matched_scheme})
         if self._on_alarm is not None:
             self._on_alarm(state.pod, message)
 

@@ -19,6 +19,7 @@ from kvcache.metrics import build_registry
 from kvcache.service.http import HttpApp, PodInspector
 
 if TYPE_CHECKING:
+    from kvcache.discovery import KubernetesPodSource, Reconciler
     from kvcache.service.grpc_server import GrpcServer
 
 log = logging.getLogger("kvcache.service")
@@ -30,6 +31,12 @@ class Service:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.indexer = Indexer(config)
+        if config.tracing.enabled:
+            from kvcache.index.instrumented import TracedIndex
+            from kvcache.tracing import tracer
+
+            self.indexer.tracer = tracer()  # ConfigError here if the otel extra is missing
+            self.indexer.index = TracedIndex(self.indexer.index)
         events = config.events
         self.pipeline = IngestPipeline(
             self.indexer.index,
@@ -37,13 +44,26 @@ class Service:
             shards=events.shards,
             queue_size=events.queue_size,
             dp_rank_in_pod_id=events.dp_rank_in_pod_id,
+            priority=self.indexer.read_priority,
         )
+        discovery = config.discovery
         self.subscriber = Subscriber(
             self.pipeline.submit,
             bind=events.zmq_bind,
             connect=events.zmq_connect,
             topic_filter=events.topic_filter,
+            dynamic=discovery.enabled and discovery.dial,
         )
+        self.reconciler: Reconciler | None = None
+        self.discovery: KubernetesPodSource | None = None
+        if discovery.enabled:
+            from kvcache.discovery import KubernetesPodSource, Reconciler, SubscriberTarget
+
+            self.reconciler = Reconciler(
+                SubscriberTarget(self.subscriber, self.pipeline.forget_pod, dial=discovery.dial),
+                discovery,
+            )
+            self.discovery = KubernetesPodSource(discovery, self.reconciler)
         self.registry = build_registry(self.indexer.statistics, self.ingest_statistics)
         self.pods: PodInspector = IngestPods(self.pipeline, self.indexer.index)
         self.http = HttpApp(
@@ -80,7 +100,7 @@ class Service:
             return True
         from kvcache.index.redis import RedisIndex
 
-        index = self.indexer.index
+        index = getattr(self.indexer.index, "inner", self.indexer.index)  # under TracedIndex
         if not isinstance(index, RedisIndex):
             return True
         stats = index.statistics()
@@ -95,12 +115,18 @@ class Service:
         """Pipeline counters plus what the transport received."""
         stats = self.pipeline.statistics()
         stats["received"] = self.subscriber.received
+        stats["endpoint_errors"] = self.subscriber.endpoint_errors
+        stats["read_priority_waits"] = self.indexer.read_priority.waits
+        if self.reconciler is not None and self.discovery is not None:
+            stats["discovery"] = {**self.reconciler.statistics(), **self.discovery.statistics()}
         return stats
 
     def start(self) -> None:
         """Start ingest: workers first, then the socket that feeds them."""
         self.pipeline.start()
         self.subscriber.start()
+        if self.discovery is not None:
+            self.discovery.start()  # ConfigError without credentials or the k8s extra
         if self.grpc is not None:
             self.grpc.start()
 
@@ -108,6 +134,8 @@ class Service:
         """Stop receiving, then apply what is queued (no queued work is lost)."""
         if self.grpc is not None:
             self.grpc.stop(grace=5.0)
+        if self.discovery is not None:
+            self.discovery.stop()
         self.subscriber.stop()
         self.pipeline.stop()
 
@@ -216,13 +244,16 @@ def serve(config: Config) -> None:
                 for sig, handler in previous.items():
                     signal.signal(sig, handler)
 
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    from kvcache.service.logs import configure_logging
+
+    configure_logging(config.logging)
     # Ingest threads hold the GIL in short bursts; a short switch interval keeps score latency
     # low while they run.
     sys.setswitchinterval(0.0005)
+    from kvcache.tracing import init_tracing
+
     service = Service(config)
+    stop_tracing = init_tracing(config.tracing)
     service.start()
     try:
         server = _Server(
@@ -231,6 +262,7 @@ def serve(config: Config) -> None:
                 host=config.http.host,
                 port=config.http.port,
                 log_level="warning",
+                log_config=None,  # keep our handler (JSON lines) for uvicorn's records too
                 lifespan="off",
                 access_log=False,
             )
@@ -239,3 +271,4 @@ def serve(config: Config) -> None:
         server.run()
     finally:
         service.stop()
+        stop_tracing()  # flushes queued spans

@@ -1,17 +1,22 @@
-"""The `kvcache` command line: `keys` and `tokenize` (debug a hash mismatch) and `serve`."""
+"""The `kvcache` command line: `keys` and `tokenize` (debug a hash mismatch), `serve`, `config`."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import NoReturn, TextIO
 
-from kvcache.config import Config
+import msgspec
+
+from kvcache.config import Config, LoadedConfig, Override, load
 from kvcache.errors import KVCacheError
 from kvcache.hashing import SCHEME_NAMES, RequestExtras, make_scheme
+
+log = logging.getLogger("kvcache.config")
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -87,32 +92,125 @@ def _tokenize_command(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -
     stdout.write(json.dumps(ids) + "\n")
 
 
-def serve_config(args: argparse.Namespace) -> Config:
-    """The config file (or embedded defaults) with the command-line flags applied on top."""
-    config = Config.from_file(args.config) if args.config else Config()
-    data = config.to_mapping()
+FIELD_FLAGS: tuple[tuple[str, str], ...] = (
+    ("http.host", "--http-host"),
+    ("http.port", "--http-port"),
+    ("grpc.host", "--grpc-host"),
+    ("grpc.port", "--grpc-port"),
+    ("hashing.scheme", "--hash-scheme"),
+    ("hashing.seed", "--hash-seed"),
+    ("hashing.block_size", "--block-size"),
+    ("logging.format", "--log-format"),
+    ("logging.level", "--log-level"),
+)
+"""Flags that set one config field as given."""
+
+
+def config_overrides(args: argparse.Namespace) -> list[Override]:
+    """The config fields the command-line flags set (the top layer), each named by its flag."""
+    found: list[Override] = []
+
+    def put(path: str, value: object, flag: str) -> None:
+        found.append(Override(tuple(path.split(".")), value, flag))
+
     if args.zmq_endpoint is not None:
-        data["events"]["zmq_bind"] = [args.zmq_endpoint]
+        put("events.zmq_bind", [args.zmq_endpoint], "--zmq-endpoint")
     if args.zmq_connect:
-        data["events"]["zmq_connect"] = list(args.zmq_connect)
+        put("events.zmq_connect", list(args.zmq_connect), "--zmq-connect")
         if args.zmq_endpoint is None:
-            data["events"]["zmq_bind"] = []
+            put("events.zmq_bind", [], "--zmq-connect")
     if args.index is not None:
-        data["index"]["backend"] = args.index if args.index in ("memory", "cost_aware") else "redis"
-        if data["index"]["backend"] == "redis":
-            data["index"]["redis"]["url"] = args.index
-    for section, key, value in (
-        ("http", "host", args.http_host),
-        ("http", "port", args.http_port),
-        ("grpc", "host", args.grpc_host),
-        ("grpc", "port", args.grpc_port),
-        ("hashing", "scheme", args.hash_scheme),
-        ("hashing", "seed", args.hash_seed),
-        ("hashing", "block_size", args.block_size),
-    ):
+        if args.index in ("memory", "cost_aware"):
+            put("index.backend", args.index, "--index")
+        else:
+            put("index.backend", "redis", "--index")
+            put("index.redis.url", args.index, "--index")
+    for path, flag in FIELD_FLAGS:
+        value = getattr(args, flag.removeprefix("--").replace("-", "_"))
         if value is not None:
-            data[section][key] = value
-    return Config.from_mapping(data)
+            put(path, value, flag)
+    return found
+
+
+def load_serve_config(
+    args: argparse.Namespace, environ: Mapping[str, str] | None = None
+) -> LoadedConfig:
+    """Defaults < config file (--config or KVCACHE_CONFIG) < KVCACHE_* variables < flags."""
+    return load(args.config, environ=environ, overrides=config_overrides(args))
+
+
+def serve_config(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Config:
+    """The effective config of `kvcache serve` (file warnings are logged)."""
+    loaded = load_serve_config(args, environ)
+    for warning in loaded.warnings:
+        log.warning("%s", warning)
+    return loaded.config
+
+
+def _config_command(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> None:
+    if args.config_command == "schema":
+        schema = msgspec.json.schema(Config)
+        stdout.write(json.dumps(schema, indent=2) + "\n")
+        return
+    loaded = load_serve_config(args)
+    for warning in loaded.warnings:
+        stderr.write(f"kvcache config: warning: {warning}\n")
+    data = loaded.config.redacted_mapping()
+    if args.format == "yaml":
+        try:
+            import yaml
+        except ImportError:
+            raise ValueError("--format yaml needs PyYAML: pip install 'kvcache[service]'") from None
+        stdout.write(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+    else:
+        stdout.write(json.dumps(data, indent=2) + "\n")
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags that build the effective config, shared by `serve` and `config show`."""
+    parser.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE",
+        help="config file: JSON or YAML, kvcache's tree or the Go original's shape "
+        "(default: $KVCACHE_CONFIG, else embedded defaults)",
+    )
+    parser.add_argument(
+        "--zmq-endpoint", default=None, help="endpoint to bind for events (default tcp://*:5557)"
+    )
+    parser.add_argument(
+        "--zmq-connect",
+        action="append",
+        default=[],
+        metavar="ENDPOINT",
+        help="engine PUB endpoint to dial (repeatable); disables the default bind",
+    )
+    parser.add_argument(
+        "--index",
+        default=None,
+        metavar="BACKEND",
+        help="memory (default), cost_aware, or a Redis/Valkey URL (redis://, rediss://, "
+        "valkey://, valkeys://, unix://) for an index shared by several routers",
+    )
+    parser.add_argument("--http-host", default=None, help="HTTP interface (default 127.0.0.1)")
+    parser.add_argument("--http-port", type=int, default=None, help="HTTP port (default 8080)")
+    parser.add_argument("--grpc-host", default=None, help="gRPC interface (default 127.0.0.1)")
+    parser.add_argument(
+        "--grpc-port", type=int, default=None, help="gRPC port (default: no gRPC listener)"
+    )
+    parser.add_argument("--hash-scheme", default=None, help=f"one of {', '.join(SCHEME_NAMES)}")
+    parser.add_argument("--hash-seed", default=None, help="the engines' PYTHONHASHSEED")
+    parser.add_argument("--block-size", type=int, default=None, help="the engines' block size")
+    parser.add_argument(
+        "--log-format", default=None, choices=("text", "json"), help="log lines (default text)"
+    )
+    parser.add_argument(
+        "--log-level",
+        default=None,
+        type=str.lower,
+        choices=("debug", "info", "warning", "error"),
+        help="least severe level logged (default info)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,33 +268,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the service: ZMQ event ingest + HTTP scoring API",
         description="Run kvcache: ingest engines' KV events over ZMQ and answer score requests.",
     )
-    serve.add_argument("--config", default=None, help="JSON config file (defaults embedded)")
-    serve.add_argument(
-        "--zmq-endpoint", default=None, help="endpoint to bind for events (default tcp://*:5557)"
+    _add_config_flags(serve)
+    config = commands.add_parser(
+        "config",
+        help="print the effective configuration (show) or its JSON schema (schema)",
+        description="Inspect the configuration kvcache serve would run with.",
     )
-    serve.add_argument(
-        "--zmq-connect",
-        action="append",
-        default=[],
-        metavar="ENDPOINT",
-        help="engine PUB endpoint to dial (repeatable); disables the default bind",
+    config_commands = config.add_subparsers(
+        dest="config_command", required=True, parser_class=_OneLineParser
     )
-    serve.add_argument(
-        "--index",
-        default=None,
-        metavar="BACKEND",
-        help="memory (default), cost_aware, or a Redis/Valkey URL (redis://, rediss://, "
-        "valkey://, valkeys://, unix://) for an index shared by several routers",
+    show = config_commands.add_parser(
+        "show",
+        help="print the effective config: defaults < file < KVCACHE_* variables < flags",
+        description=(
+            "Print the config `kvcache serve` would run with, given the same file, environment "
+            "and flags. Secrets are printed as ***; warnings about the file go to stderr."
+        ),
     )
-    serve.add_argument("--http-host", default=None, help="HTTP interface (default 127.0.0.1)")
-    serve.add_argument("--http-port", type=int, default=None, help="HTTP port (default 8080)")
-    serve.add_argument("--grpc-host", default=None, help="gRPC interface (default 127.0.0.1)")
-    serve.add_argument(
-        "--grpc-port", type=int, default=None, help="gRPC port (default: no gRPC listener)"
+    show.add_argument(
+        "--format", default="json", choices=("json", "yaml"), help="output format (default json)"
     )
-    serve.add_argument("--hash-scheme", default=None, help=f"one of {', '.join(SCHEME_NAMES)}")
-    serve.add_argument("--hash-seed", default=None, help="the engines' PYTHONHASHSEED")
-    serve.add_argument("--block-size", type=int, default=None, help="the engines' block size")
+    _add_config_flags(show)
+    config_commands.add_parser("schema", help="print the JSON schema of the config file")
     return parser
 
 
@@ -209,11 +302,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             _keys_command(args, sys.stdin, sys.stdout)
         elif args.command == "tokenize":
             _tokenize_command(args, sys.stdin, sys.stdout)
+        elif args.command == "config":
+            _config_command(args, sys.stdout, sys.stderr)
         elif args.command == "serve":
             from kvcache.service.app import serve
+            from kvcache.service.logs import configure_logging
 
-            serve(serve_config(args))
+            loaded = load_serve_config(args)
+            # Logging first, so the file's warnings come out in the configured format.
+            configure_logging(loaded.config.logging)
+            for warning in loaded.warnings:
+                log.warning("%s", warning)
+            serve(loaded.config)
     except (KVCacheError, ValueError) as exc:
         print(f"kvcache {args.command}: error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
+import time
 from collections.abc import Callable
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
+from kvcache.histogram import LatencyHistogram
 from kvcache.tokenization.errors import PoolOverloadedError, TokenizationTimeoutError
 
 P = ParamSpec("P")
@@ -33,29 +35,44 @@ class TokenizationPool:
             max_workers=workers, thread_name_prefix="kvcache-tokenize"
         )
         self._slots = threading.BoundedSemaphore(queue_size)
+        self._stats_lock = threading.Lock()
         self.completed = 0
+        self.failed = 0
         self.timeouts = 0
         self.rejected = 0
+        self._in_flight = 0
+        # admission to completion: what a caller waits, queueing included
+        self._latency = LatencyHistogram()
 
     def _submit(
         self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs
     ) -> concurrent.futures.Future[T]:
         if not self._slots.acquire(blocking=False):
-            self.rejected += 1
+            with self._stats_lock:
+                self.rejected += 1
             raise PoolOverloadedError(
                 f"tokenization pool overloaded: {self.queue_size} requests already admitted"
             )
+        admitted = time.perf_counter()
         try:
             future = self._executor.submit(fn, *args, **kwargs)
         except BaseException:
             self._slots.release()
             raise
-        future.add_done_callback(self._done)
+        with self._stats_lock:
+            self._in_flight += 1
+        future.add_done_callback(lambda done: self._done(done, admitted))
         return future
 
-    def _done(self, _: concurrent.futures.Future[T]) -> None:
+    def _done(self, future: concurrent.futures.Future[Any], admitted: float) -> None:
         self._slots.release()
-        self.completed += 1
+        elapsed = time.perf_counter() - admitted
+        failed = future.cancelled() or future.exception() is not None
+        with self._stats_lock:
+            self._in_flight -= 1
+            self.completed += 1
+            self.failed += failed
+            self._latency.observe(elapsed)
 
     def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run ``fn`` on a worker and wait for it (for synchronous callers)."""
@@ -63,7 +80,8 @@ class TokenizationPool:
         try:
             return future.result(timeout=self.timeout)
         except concurrent.futures.TimeoutError:
-            self.timeouts += 1
+            with self._stats_lock:
+                self.timeouts += 1
             raise TokenizationTimeoutError(
                 f"tokenization did not finish within {self.timeout:g} s"
             ) from None
@@ -74,7 +92,8 @@ class TokenizationPool:
         try:
             return await asyncio.wait_for(future, timeout=self.timeout)
         except TimeoutError:
-            self.timeouts += 1
+            with self._stats_lock:
+                self.timeouts += 1
             raise TokenizationTimeoutError(
                 f"tokenization did not finish within {self.timeout:g} s"
             ) from None
@@ -83,11 +102,17 @@ class TokenizationPool:
         """Stop accepting work; running calls finish in the background."""
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    def statistics(self) -> dict[str, int]:
-        """Counters for metrics."""
-        return {
-            "workers": self.workers,
-            "completed": self.completed,
-            "timeouts": self.timeouts,
-            "rejected": self.rejected,
-        }
+    def statistics(self) -> dict[str, Any]:
+        """Counters for metrics: calls finished (``failed`` of them raised or were cancelled),
+        refused, past their deadline, admitted and not finished, and their latency."""
+        with self._stats_lock:
+            return {
+                "workers": self.workers,
+                "queue_size": self.queue_size,
+                "completed": self.completed,
+                "failed": self.failed,
+                "timeouts": self.timeouts,
+                "rejected": self.rejected,
+                "in_flight": self._in_flight,
+                "latency": self._latency.snapshot(),
+            }
