@@ -20,6 +20,7 @@ from kvcache.errors import (
 from kvcache.hashing import KeyScheme, MMItem, RequestExtras, make_scheme
 from kvcache.index.protocol import Index
 from kvcache.indexer import Indexer
+from kvcache.routing import CostModel, Decision, PodCost, PodLoad, Router, scrape_vllm_metrics
 from kvcache.scoring import LongestPrefixScorer, normalize_scores
 
 __version__ = "0.1.0"
@@ -30,6 +31,8 @@ __all__ = [
     "BlockKey",
     "Config",
     "ConfigError",
+    "CostModel",
+    "Decision",
     "ExtraKeysError",
     "HashingError",
     "Index",
@@ -42,12 +45,16 @@ __all__ = [
     "LongestPrefixScorer",
     "MMItem",
     "ModelName",
+    "PodCost",
     "PodEntry",
     "PodId",
+    "PodLoad",
     "RequestExtras",
+    "Router",
     "UnknownKeyError",
     "UnknownSchemeError",
     "__version__",
     "make_scheme",
     "normalize_scores",
+    "scrape_vllm_metrics",
 ]

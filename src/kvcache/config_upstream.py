@@ -164,10 +164,14 @@ RULES: tuple[Rule, ...] = (
     Rule(
         "speculativeIndexing",
         "",
-        "kvcache has no speculative indexing (a scheduler feature)",
+        "speculative entries belong to the router: kvcache.routing.Router(speculative_ttl=...)",
         quiet=(False,),
     ),
-    Rule("speculativeTTL", "", "kvcache has no speculative indexing (a scheduler feature)"),
+    Rule(
+        "speculativeTTL",
+        "",
+        "speculative entries belong to the router: kvcache.routing.Router(speculative_ttl=...)",
+    ),
 )
 
 _RULES = {rule.go: rule for rule in RULES}

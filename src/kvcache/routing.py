@@ -1,0 +1,474 @@
+"""Load-aware routing: prefix hits and pod load -> a predicted time to first token per pod.
+
+`Router.rank` prices every candidate pod in seconds (docs/routing.md)::
+
+    predicted_ttft = queue + prefill + transfer
+      queue    = waiting * queue_per_request + running * running_per_request
+      prefill  = uncached tokens * prefill_per_token
+      transfer = tokens hit only on a non-gpu tier * cpu_hit_per_token
+    cost       = predicted_ttft - stickiness   (the bonus of the longest-prefix pod, unsaturated)
+
+and `Router.pick` takes the cheapest, then credits it with the prompt's blocks as speculative
+index entries until the engine's own events confirm them (or the TTL runs out). Every decision
+carries the per-pod breakdown (`PodCost`) that explains it.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Collection, Iterable, Sequence
+from typing import Annotated, Any, TypedDict
+
+import msgspec
+
+from kvcache.blocks import GPU, KeyType, PodEntry
+from kvcache.errors import ConfigError, KVCacheError
+from kvcache.hashing import RequestExtras
+from kvcache.indexer import Indexer
+
+log = logging.getLogger("kvcache.routing")
+
+NonNegativeFloat = Annotated[float, msgspec.Meta(ge=0.0)]
+Fraction = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
+NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
+
+# vLLM's /metrics names (docs.vllm.ai "Production Metrics"); the KV usage gauge was renamed
+# from gpu_cache_usage_perc to kv_cache_usage_perc in the v1 engine. Both are fractions 0..1.
+WAITING_METRIC = "vllm:num_requests_waiting"
+RUNNING_METRIC = "vllm:num_requests_running"
+KV_USAGE_METRICS = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
+"""Preferred first: a vLLM that exports both during the deprecation reports the same value."""
+
+
+class PodLoad(msgspec.Struct, frozen=True):
+    """What the caller knows about a pod right now (from its scheduler or vLLM's /metrics)."""
+
+    pod: str
+    """The pod id, as in the index (the event topic's pod, e.g. ``10.0.0.7:8000``)."""
+    waiting: NonNegativeInt = 0
+    """Requests queued on the pod, not yet scheduled (``vllm:num_requests_waiting``)."""
+    running: NonNegativeInt = 0
+    """Requests in the pod's running batch (``vllm:num_requests_running``)."""
+    kv_usage: Fraction = 0.0
+    """Fraction of the pod's KV blocks held by running requests, 0..1
+    (``vllm:kv_cache_usage_perc``; cached but unreferenced blocks count as free)."""
+
+    def __post_init__(self) -> None:
+        # msgspec checks the constraints when decoding, not on direct construction.
+        if not isinstance(self.pod, str) or not self.pod:
+            raise ValueError(f"PodLoad.pod must be a non-empty string, got {self.pod!r}")
+        for name in ("waiting", "running"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(
+                    f"PodLoad.{name} of {self.pod}: must be an int >= 0, got {value!r}"
+                )
+        if not 0.0 <= self.kv_usage <= 1.0:  # also rejects NaN
+            raise ValueError(
+                f"PodLoad.kv_usage of {self.pod}: must be in [0, 1], got {self.kv_usage}"
+            )
+
+
+class CostModel(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The constants of the predicted-TTFT model, in seconds (calibration: docs/routing.md).
+
+    The defaults describe an H100-class GPU serving an 8B-32B model with chunked prefill; they
+    set the ratios that matter (a cpu hit ~12x cheaper than prefill, a queued request ~ one
+    average prefill) and should be replaced by values measured on the fleet.
+    """
+
+    prefill_per_token: NonNegativeFloat = 6.25e-5
+    """Seconds to prefill one uncached prompt token: 1 / the pod's prefill throughput (tokens/s).
+    Default 16,000 tokens/s. From vLLM: rate(request_prefill_time_seconds_sum) / rate(computed
+    prompt tokens), computed = prompt_tokens_total - prefix_cache_hits (both count tokens)."""
+    cpu_hit_per_token: NonNegativeFloat = 5e-6
+    """Seconds to bring one token's KV from a non-gpu tier (cpu offload) back to the GPU instead
+    of recomputing it: KV bytes per token / host-to-device bandwidth. Default: 128 KiB per token
+    (Llama-3-8B in bf16) over ~25 GB/s PCIe. Must stay below ``prefill_per_token`` for offload
+    to pay off."""
+    queue_per_request: NonNegativeFloat = 0.1
+    """Seconds of wait per request queued ahead on the pod: about one average prefill of the
+    fleet's prompts. From vLLM: mean request_queue_time_seconds / mean num_requests_waiting."""
+    running_per_request: NonNegativeFloat = 0.002
+    """Seconds added to a new request's first token per request already running: the running
+    decodes share each engine step (chunked prefill) with the new prompt. The slope of
+    time_to_first_token_seconds against num_requests_running at a fixed prompt length."""
+    saturation_kv_usage: Fraction = 0.9
+    """Stickiness ends when the cache-holding pod's ``kv_usage`` reaches this fraction (vLLM
+    starts preempting near a full KV pool)."""
+    saturation_waiting: NonNegativeInt = 4
+    """Stickiness ends when the cache-holding pod has this many requests queued."""
+    stickiness: NonNegativeFloat = 0.05
+    """Bonus (seconds subtracted from the cost) of the pod(s) holding the longest prefix, while
+    not saturated: stay on the cache holder unless another pod is predicted this much faster.
+    Keeps one copy of a hot prefix instead of spreading it on near-ties. 0 disables it."""
+
+    def __post_init__(self) -> None:
+        # ConfigError is a ValueError: msgspec turns it into a ValidationError when decoding.
+        for name in (
+            "prefill_per_token",
+            "cpu_hit_per_token",
+            "queue_per_request",
+            "running_per_request",
+            "stickiness",
+        ):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0.0):
+                raise ConfigError(f"routing.{name}", f"must be a finite number >= 0, got {value!r}")
+        if not 0.0 <= self.saturation_kv_usage <= 1.0:
+            raise ConfigError(
+                "routing.saturation_kv_usage", f"must be in [0, 1], got {self.saturation_kv_usage}"
+            )
+        if self.saturation_waiting < 0:
+            raise ConfigError(
+                "routing.saturation_waiting", f"must be >= 0, got {self.saturation_waiting}"
+            )
+
+
+class PodCost(msgspec.Struct, frozen=True):
+    """Why a pod costs what it costs: one row of a decision's explanation (seconds rounded to
+    the nanosecond)."""
+
+    pod: str
+    """The candidate pod."""
+    cached_blocks_gpu: int
+    """Leading prompt blocks the pod holds on gpu (speculative credits count as gpu)."""
+    cached_blocks_cpu: int
+    """Leading prompt blocks the pod holds only on another tier (cpu offload): transferred."""
+    uncached_tokens: int
+    """Prompt tokens the pod must prefill: the prompt minus the cached blocks' tokens (vLLM
+    always recomputes the last prompt token, so a hit is capped at ``len(prompt) - 1``)."""
+    queue_s: float
+    """waiting * queue_per_request + running * running_per_request."""
+    prefill_s: float
+    """uncached_tokens * prefill_per_token."""
+    transfer_s: float
+    """cached_blocks_cpu * block_size * cpu_hit_per_token."""
+    stickiness_s: float
+    """The stickiness bonus this pod gets (0 unless it holds the longest prefix, unsaturated)."""
+    predicted_ttft_s: float
+    """queue_s + prefill_s + transfer_s: the predicted time to first token."""
+    cost_s: float
+    """predicted_ttft_s - stickiness_s: what the ranking sorts by."""
+    cached_tokens: int
+    """(cached_blocks_gpu + cached_blocks_cpu) * block_size: vLLM's expected num_cached_tokens."""
+    saturated: bool
+    """The pod's kv_usage or queue is at the saturation threshold (it gets no stickiness)."""
+    load: PodLoad
+    """The load the cost was computed from."""
+
+    def explain(self) -> str:
+        """One line: the cost and its terms."""
+        sticky = f" - sticky {self.stickiness_s:.4f}" if self.stickiness_s else ""
+        saturated = " saturated" if self.saturated else ""
+        return (
+            f"{self.pod}: cost {self.cost_s:.4f}s = queue {self.queue_s:.4f}"
+            f" + prefill {self.prefill_s:.4f} + transfer {self.transfer_s:.4f}{sticky}"
+            f" | blocks gpu {self.cached_blocks_gpu} cpu {self.cached_blocks_cpu},"
+            f" uncached {self.uncached_tokens} tokens | waiting {self.load.waiting}"
+            f" running {self.load.running} kv {self.load.kv_usage:.2f}{saturated}"
+        )
+
+
+class Decision(msgspec.Struct, frozen=True):
+    """A routing decision and its explanation (``msgspec.json.encode`` gives the JSON form)."""
+
+    pod: str
+    """The chosen pod: ``ranked[0].pod``."""
+    ranked: list[PodCost]
+    """Every candidate, cheapest first; equal costs by pod id."""
+    prompt_tokens: int = 0
+    """Tokens of the prompt."""
+    blocks: int = 0
+    """Full blocks of the prompt (the keys a speculative credit covers)."""
+    speculative_blocks: int = 0
+    """Blocks credited to ``pod`` as speculative entries (0 when not requested)."""
+
+    def explain(self) -> str:
+        """The decision and every candidate's cost breakdown, one line each."""
+        head = (
+            f"-> {self.pod} ({self.prompt_tokens} tokens, {self.blocks} blocks,"
+            f" {self.speculative_blocks} credited)"
+        )
+        return "\n".join([head, *(cost.explain() for cost in self.ranked)])
+
+
+class VllmLoad(TypedDict):
+    """The `PodLoad` fields read from a vLLM /metrics page: ``PodLoad(pod, **load)``."""
+
+    waiting: int
+    running: int
+    kv_usage: float
+
+
+class Router:
+    """Ranks pods by predicted TTFT and picks one, crediting it speculatively.
+
+    Not a thread: expired speculative credits are removed on later `rank`/`pick` calls and by
+    `expire()`. Safe to call from several threads.
+    """
+
+    def __init__(
+        self,
+        indexer: Indexer,
+        cost: CostModel | None = None,
+        *,
+        speculative_ttl: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not (math.isfinite(speculative_ttl) and speculative_ttl > 0):
+            raise ConfigError("routing.speculative_ttl", f"must be > 0, got {speculative_ttl}")
+        self.indexer = indexer
+        self.cost = cost or CostModel()
+        self.speculative_ttl = speculative_ttl
+        self._clock = clock
+        self._lock = threading.Lock()
+        # (pod, key) -> expiry of its newest credit: an older credit of the same block on the
+        # same pod must not remove the entry a newer decision still counts on.
+        self._expiry: dict[tuple[str, int], float] = {}
+        self._pending: collections.deque[tuple[float, str, tuple[int, ...]]] = collections.deque()
+        self._decisions = 0
+        self._credited = 0
+        self._expired = 0
+        self._credit_failures = 0
+
+    def rank(
+        self,
+        token_ids: Sequence[int],
+        loads: Sequence[PodLoad],
+        *,
+        model: str = "",
+        lora: str | None = None,
+        extra: RequestExtras | None = None,
+    ) -> list[PodCost]:
+        """The cost of every pod in ``loads`` (the candidates), cheapest first, ties by pod id."""
+        self.expire()
+        return self._rank(token_ids, loads, model, lora, extra)[0]
+
+    def pick(
+        self,
+        token_ids: Sequence[int],
+        loads: Sequence[PodLoad],
+        *,
+        model: str = "",
+        lora: str | None = None,
+        extra: RequestExtras | None = None,
+        speculative: bool = True,
+    ) -> Decision:
+        """The cheapest pod of ``loads``; with ``speculative``, credit it with the prompt's blocks.
+
+        The credit is ``PodEntry(pod, "gpu", speculative=True)`` on every full block of the
+        prompt, so the next request with the same prefix sees it before the engine's events
+        arrive; it is removed after ``speculative_ttl`` (confirmed entries are separate entries
+        and stay). Raises ValueError when ``loads`` is empty.
+        """
+        if not loads:
+            raise ValueError("pick needs at least one candidate pod in loads")
+        self.expire()
+        ranked, keys = self._rank(token_ids, loads, model, lora, extra)
+        chosen = ranked[0].pod
+        credited = self._credit(chosen, keys) if speculative else 0
+        with self._lock:
+            self._decisions += 1
+        return Decision(chosen, ranked, len(token_ids), len(keys), credited)
+
+    def expire(self) -> int:
+        """Remove the speculative credits whose TTL ran out; returns how many blocks."""
+        with self._lock:
+            now = self._clock()
+            removed = 0
+            while self._pending and self._pending[0][0] <= now:
+                _, pod, keys = self._pending.popleft()
+                due = [key for key in keys if self._expiry.get((pod, key), math.inf) <= now]
+                for key in due:
+                    del self._expiry[(pod, key)]
+                if not due:
+                    continue
+                entry = PodEntry(pod, GPU, speculative=True)
+                try:
+                    self.indexer.index.evict_many(due, KeyType.REQUEST, [entry])
+                except KVCacheError as exc:  # a shared backend out of reach; its TTL ages them
+                    self._credit_failures += 1
+                    log.warning(
+                        "expiring %d speculative blocks of %s failed: %s", len(due), pod, exc
+                    )
+                    continue
+                removed += len(due)
+            self._expired += removed
+            return removed
+
+    def statistics(self) -> dict[str, Any]:
+        """Decisions taken and speculative credits (decisions credited, blocks live, expired)."""
+        with self._lock:
+            return {
+                "decisions": self._decisions,
+                "speculative_credits": self._credited,
+                "speculative_failures": self._credit_failures,
+                "speculative_blocks_live": len(self._expiry),
+                "speculative_blocks_expired": self._expired,
+            }
+
+    # -- internals --------------------------------------------------------------------------------
+
+    def _rank(
+        self,
+        token_ids: Sequence[int],
+        loads: Sequence[PodLoad],
+        model: str,
+        lora: str | None,
+        extra: RequestExtras | None,
+    ) -> tuple[list[PodCost], list[int]]:
+        """The ranking and the prompt's block keys (reused for the speculative credit)."""
+        pods = [load.pod for load in loads]
+        if len(set(pods)) != len(pods):
+            duplicates = sorted({pod for pod in pods if pods.count(pod) > 1})
+            raise ValueError(f"loads name a pod more than once: {duplicates}")
+        if not loads:
+            return [], []
+        block_size = self.indexer.scheme.block_size
+        with self.indexer.read_priority.reading():
+            keys = self.indexer.block_keys(token_ids, model, lora=lora, extra=extra)
+            # vLLM caps a hit at len(prompt) - 1 tokens: the last prompt token is recomputed.
+            cap = (len(token_ids) - 1) // block_size if token_ids else 0
+            runs = self.indexer.index.lookup_runs(keys[:cap], pods) if cap else []
+        held = _held_blocks(runs)
+        model_ = self.cost
+        longest = max((gpu + cpu for gpu, cpu in held.values()), default=0)
+        costs: list[PodCost] = []
+        for load in loads:
+            gpu, cpu = held.get(load.pod, (0, 0))
+            cached_tokens = (gpu + cpu) * block_size
+            uncached = len(token_ids) - cached_tokens
+            queue = load.waiting * model_.queue_per_request
+            queue += load.running * model_.running_per_request
+            prefill = uncached * model_.prefill_per_token
+            transfer = cpu * block_size * model_.cpu_hit_per_token
+            saturated = (
+                load.kv_usage >= model_.saturation_kv_usage
+                or load.waiting >= model_.saturation_waiting
+            )
+            sticky = longest > 0 and gpu + cpu == longest and not saturated
+            bonus = model_.stickiness if sticky else 0.0
+            ttft = queue + prefill + transfer
+            costs.append(
+                PodCost(
+                    pod=load.pod,
+                    cached_blocks_gpu=gpu,
+                    cached_blocks_cpu=cpu,
+                    uncached_tokens=uncached,
+                    # Nanosecond rounding: equal costs stay equal whatever order the terms
+                    # summed in, and the explanation carries no float noise.
+                    queue_s=round(queue, 9),
+                    prefill_s=round(prefill, 9),
+                    transfer_s=round(transfer, 9),
+                    stickiness_s=bonus,
+                    predicted_ttft_s=round(ttft, 9),
+                    cost_s=round(ttft - bonus, 9),
+                    cached_tokens=cached_tokens,
+                    saturated=saturated,
+                    load=load,
+                )
+            )
+        costs.sort(key=lambda c: (c.cost_s, c.pod))
+        return costs, keys
+
+    def _credit(self, pod: str, keys: Sequence[int]) -> int:
+        """Add the speculative entry on every key and schedule its expiry; returns blocks."""
+        unique = tuple(dict.fromkeys(keys))
+        if not unique:
+            return 0
+        entry = PodEntry(pod, GPU, speculative=True)
+        with self._lock:
+            try:
+                self.indexer.index.add(None, unique, [entry])
+            except KVCacheError as exc:  # a shared backend out of reach: the decision stands
+                self._credit_failures += 1
+                log.warning(
+                    "speculative credit of %d blocks on %s failed: %s", len(unique), pod, exc
+                )
+                return 0
+            expiry = self._clock() + self.speculative_ttl
+            for key in unique:
+                self._expiry[(pod, key)] = expiry
+            self._pending.append((expiry, pod, unique))
+            self._credited += 1
+        return len(unique)
+
+
+def _held_blocks(
+    runs: Iterable[tuple[Collection[PodEntry], int]],
+) -> dict[str, tuple[int, int]]:
+    """Pod -> (leading blocks held on gpu, leading blocks held only on other tiers).
+
+    A pod's prefix continues while it holds the block on any tier and ends at its first miss;
+    speculative entries count as gpu (the credited pod computes those blocks itself).
+    """
+    gpu: dict[str, int] = {}
+    cpu: dict[str, int] = {}
+    active: set[str] | None = None
+    for entries, length in runs:
+        on_gpu: dict[str, bool] = {}
+        for entry in entries:
+            on_gpu[entry.pod] = (
+                on_gpu.get(entry.pod, False) or entry.tier == GPU or entry.speculative
+            )
+        active = set(on_gpu) if active is None else active & on_gpu.keys()
+        if not active:
+            break
+        for pod in active:
+            tally = gpu if on_gpu[pod] else cpu
+            tally[pod] = tally.get(pod, 0) + length
+    return {pod: (gpu.get(pod, 0), cpu.get(pod, 0)) for pod in gpu.keys() | cpu.keys()}
+
+
+def scrape_vllm_metrics(
+    text: str, *, model_name: str | None = None, engine: str | None = None
+) -> VllmLoad:
+    """The load fields of a vLLM ``/metrics`` page (Prometheus text): ``PodLoad(pod, **load)``.
+
+    Reads ``vllm:num_requests_waiting``, ``vllm:num_requests_running`` and
+    ``vllm:kv_cache_usage_perc`` (or, from older vLLM, ``vllm:gpu_cache_usage_perc``). Samples
+    may carry ``model_name`` and ``engine`` labels (one per data-parallel engine of the server);
+    ``model_name``/``engine`` select one, otherwise queues are summed and the KV usage is the
+    highest (the fullest engine saturates first). Needs ``prometheus-client`` (kvcache[service]).
+    Raises ValueError when the text is not Prometheus exposition or lacks one of the metrics.
+    """
+    from prometheus_client.parser import text_string_to_metric_families
+
+    wanted = {WAITING_METRIC, RUNNING_METRIC, *KV_USAGE_METRICS}
+    values: dict[str, list[float]] = {name: [] for name in wanted}
+    try:
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name not in wanted:
+                    continue
+                labels = sample.labels
+                if model_name is not None and labels.get("model_name") != model_name:
+                    continue
+                if engine is not None and labels.get("engine") != engine:
+                    continue
+                values[sample.name].append(float(sample.value))
+    except (ValueError, IndexError, KeyError, TypeError) as exc:
+        raise ValueError(f"not a Prometheus text exposition: {exc}") from exc
+    usage_name = next((name for name in KV_USAGE_METRICS if values[name]), None)
+    missing = [name for name in (WAITING_METRIC, RUNNING_METRIC) if not values[name]]
+    if usage_name is None:
+        missing.append(" or ".join(KV_USAGE_METRICS))
+    if missing:
+        selector = "" if model_name is None and engine is None else " for the selected labels"
+        raise ValueError(f"vLLM metrics missing{selector}: {', '.join(missing)}")
+    assert usage_name is not None
+    for name in (WAITING_METRIC, RUNNING_METRIC, usage_name):
+        bad = [v for v in values[name] if not (math.isfinite(v) and v >= 0.0)]
+        if bad:
+            raise ValueError(f"{name}: expected finite values >= 0, got {bad[0]}")
+    return VllmLoad(
+        waiting=round(sum(values[WAITING_METRIC])),
+        running=round(sum(values[RUNNING_METRIC])),
+        # Float noise of vLLM's 1 - free/total may step just past 1.
+        kv_usage=min(1.0, max(values[usage_name])),
+    )
