@@ -20,25 +20,39 @@ for j = 1, m do pats[j] = ',' .. ARGV[2 + j] .. ',' end
 local again = {}
 local added = {}
 for j = 1, m do added[j] = {} end
-for i = m + 1, #KEYS do
-  local k = KEYS[i]
-  local v = redis.call('GET', k) or ','
-  local n = #v
-  for j = 1, m do
-    if not string.find(v, pats[j], 1, true) then
-      v = v .. ARGV[2 + j] .. ','
-      local a = added[j]
-      a[#a + 1] = string.sub(k, -8)
+-- a redis.call costs more than the Lua around it: read the values with MGET and write the
+-- changed ones with MSET (no TTL) in chunks of 1000 keys (Lua's unpack has a stack limit)
+local writes = {}
+for c = m + 1, #KEYS, 1000 do
+  local last = math.min(c + 999, #KEYS)
+  local values = redis.call('MGET', unpack(KEYS, c, last))
+  for i = c, last do
+    local k = KEYS[i]
+    local v = values[i - c + 1] or ','
+    local n = #v
+    for j = 1, m do
+      if not string.find(v, pats[j], 1, true) then
+        v = v .. ARGV[2 + j] .. ','
+        local a = added[j]
+        a[#a + 1] = string.sub(k, -8)
+      end
+    end
+    if #v ~= n then
+      if ttl > 0 then
+        redis.call('SET', k, v, 'PX', ttl)
+      else
+        writes[#writes + 1] = k
+        writes[#writes + 1] = v
+      end
+    else
+      again[#again + 1] = i - m
+      if ttl > 0 then redis.call('PEXPIRE', k, ttl) end
     end
   end
-  if #v ~= n then
-    if ttl > 0 then redis.call('SET', k, v, 'PX', ttl) else redis.call('SET', k, v) end
-  else
-    again[#again + 1] = i - m
-    if ttl > 0 then redis.call('PEXPIRE', k, ttl) end
-  end
 end
--- one SADD per entry and 1000 keys: a redis.call costs more than the Lua around it
+for s = 1, #writes, 2000 do
+  redis.call('MSET', unpack(writes, s, math.min(s + 1999, #writes)))
+end
 for j = 1, m do
   local a = added[j]
   for s = 1, #a, 1000 do
@@ -57,30 +71,48 @@ local pats = {}
 for j = 1, m do pats[j] = ',' .. ARGV[1 + j] .. ',' end
 local removed = 0
 local flags = {}
-for i = m + 1, #KEYS do
-  local k = KEYS[i]
-  local v = redis.call('GET', k)
-  if v then
-    local changed = false
-    for j = 1, m do
-      local p = string.find(v, pats[j], 1, true)
-      if p then
-        v = string.sub(v, 1, p) .. string.sub(v, p + #pats[j])
-        changed = true
-        removed = removed + 1
-        redis.call('SREM', KEYS[j], string.sub(k, -8))
+local gone = {}
+local dels = {}
+for j = 1, m do gone[j] = {} end
+-- reads by MGET, deletes and reverse-set removals batched; a changed value keeps its TTL
+for c = m + 1, #KEYS, 1000 do
+  local last = math.min(c + 999, #KEYS)
+  local values = redis.call('MGET', unpack(KEYS, c, last))
+  for i = c, last do
+    local k = KEYS[i]
+    local v = values[i - c + 1]
+    if v then
+      local changed = false
+      for j = 1, m do
+        local p = string.find(v, pats[j], 1, true)
+        if p then
+          v = string.sub(v, 1, p) .. string.sub(v, p + #pats[j])
+          changed = true
+          removed = removed + 1
+          local g = gone[j]
+          g[#g + 1] = string.sub(k, -8)
+        end
+      end
+      if changed then
+        if v == ',' then
+          dels[#dels + 1] = k
+          v = nil
+        else
+          redis.call('SET', k, v, 'KEEPTTL')
+        end
       end
     end
-    if changed then
-      if v == ',' then
-        redis.call('DEL', k)
-        v = nil
-      else
-        redis.call('SET', k, v, 'KEEPTTL')
-      end
-    end
+    flags[#flags + 1] = v and '0' or '1'
   end
-  flags[#flags + 1] = v and '0' or '1'
+end
+for s = 1, #dels, 1000 do
+  redis.call('DEL', unpack(dels, s, math.min(s + 999, #dels)))
+end
+for j = 1, m do
+  local g = gone[j]
+  for s = 1, #g, 1000 do
+    redis.call('SREM', KEYS[j], unpack(g, s, math.min(s + 999, #g)))
+  end
 end
 return {removed, table.concat(flags)}
 """
