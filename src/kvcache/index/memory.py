@@ -21,17 +21,19 @@ Layout (see docs/index-notes.md for the measurements behind it):
 
 from __future__ import annotations
 
-import array
 import sys
 import threading
-from collections.abc import Callable, Collection, Iterable, Sequence
-from typing import Any, NoReturn
+from collections.abc import Collection, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
 from kvcache.blocks import KeyType, PodEntry
-from kvcache.errors import ConfigError, IndexOperationError, InvalidKeyError, UnknownKeyError
+from kvcache.errors import ConfigError, IndexOperationError, UnknownKeyError
+from kvcache.index.entry_sets import ID_MASK, EntrySets
+from kvcache.index.keys import add_keys, as_entries, as_key, as_keys, sized
+from kvcache.index.recency import Recency
 from kvcache.index.table import SlotTable, mix, mix1, round_capacity
 
 try:
@@ -42,308 +44,18 @@ except ImportError:  # built without a C compiler: the numpy paths serve
 KERNELS_AVAILABLE = _native is not None
 """Whether the compiled main-table kernels were built (see `TableIndex`'s ``kernels``)."""
 
-_ID_MASK = 0x7FFF_FFFF
+_ID_MASK = ID_MASK
 _MAPPED = 0x8000_0000
-_MAX_SET_IDS = _ID_MASK
 _ID_BITS = np.uint32(_ID_MASK)  # the same masks for array expressions (keeps them uint32)
 _FLAG_BIT = np.uint32(_MAPPED)
 _CLOCK_LIMIT = (1 << 32) - 2
-_EXACT_BELOW = 1 << 16  # live rows below which eviction picks the exact oldest
-_SAMPLE = 8192  # slots sampled to estimate the clock threshold of a sweep
-_OLDEST_SHARE = 1 / 32  # a sweep evicts rows among about this share of the oldest
 _MAX_BATCH = 1 << 16  # keys evicted ahead per batch at most (bounds the pause)
 
 MAIN_COLUMNS = {"set": np.uint32, "clock": np.uint32}
 ENGINE_COLUMNS = {"request": np.uint64}
 
-_SET_OVERHEAD = 120  # dict slot + list slots per interned set, on top of the objects' sizes
-_MEMO_ITEM = 160  # key tuple + dict slot of a memoised transition
 Entries = tuple[PodEntry, ...]
 _MULTI_ITEM = 33 + 36 + 40  # bytes header + int key + dict slot of a 1:many run
-
-
-# --------------------------------------------------------------------------- key validation
-
-
-def as_keys(values: Sequence[int], field: str) -> NDArray[np.uint64]:
-    """Block keys as a u64 array; InvalidKeyError names the first value that is not a u64 int."""
-    if isinstance(values, np.ndarray):
-        if values.dtype == np.uint64:
-            return values.ravel()
-        if values.dtype.kind in "iu" and (values.size == 0 or int(values.min()) >= 0):
-            return values.ravel().astype(np.uint64)
-        _raise_bad_key(values.ravel().tolist(), field)
-    if isinstance(values, str | bytes | bytearray | memoryview):
-        raise InvalidKeyError(field, values)
-    try:
-        return np.frombuffer(array.array("Q", values), dtype=np.uint64)
-    except (TypeError, OverflowError, ValueError):
-        _raise_bad_key(values, field)
-
-
-def as_key(value: int, field: str) -> int:
-    """One block key as a Python int (see `as_keys`)."""
-    if isinstance(value, int | np.integer):
-        key = int(value)
-        if 0 <= key < 1 << 64:
-            return key
-    raise InvalidKeyError(field, value)
-
-
-def add_keys(
-    engine_keys: Sequence[int] | None, request_keys: Sequence[int]
-) -> tuple[NDArray[np.uint64], NDArray[np.uint64] | None]:
-    """Validated key arrays of an `Index.add` call (shared by every backend)."""
-    r = as_keys(request_keys, "request_keys")
-    if r.size == 0:
-        raise IndexOperationError("add: no request keys given")
-    if engine_keys is None:
-        return r, None
-    e = as_keys(engine_keys, "engine_keys")
-    if e.size == 0:
-        raise IndexOperationError("add: engine_keys is empty (pass None for no mapping)")
-    return r, e
-
-
-def _raise_bad_key(values: Any, field: str) -> NoReturn:
-    if isinstance(values, Iterable) and not isinstance(values, str | bytes):
-        for v in values:
-            as_key(v, field)
-    raise InvalidKeyError(field, values)
-
-
-def _sized(values: object, n: int) -> bool:
-    """``len(values) == n`` for anything, False for objects without a length."""
-    try:
-        return len(values) == n  # type: ignore[arg-type]
-    except TypeError:
-        return False
-
-
-def _as_entries(entries: Iterable[PodEntry], op: str) -> tuple[PodEntry, ...]:
-    out = tuple(dict.fromkeys(entries))
-    if not out:
-        raise IndexOperationError(f"{op}: no entries given")
-    for e in out:
-        if not isinstance(e, PodEntry):
-            raise IndexOperationError(f"{op}: {e!r} is not a PodEntry")
-    return out
-
-
-# --------------------------------------------------------------------------- interned entry sets
-
-
-class EntrySets:
-    """Interned ``frozenset[PodEntry]`` values behind small integer ids (0 is the empty set).
-
-    With ``limit`` set, a set keeps at most ``limit`` entries: adding one more drops the entry
-    that has been in the set longest, by the order in which the interned set was first formed
-    (re-adding an entry that is already there does not refresh it).
-    """
-
-    def __init__(self, limit: int | None) -> None:
-        self.limit = limit
-        empty: frozenset[PodEntry] = frozenset()
-        self.sets: list[frozenset[PodEntry]] = [empty]
-        self.orders: list[tuple[PodEntry, ...]] = [()]
-        self.sizes: list[int] = [0]
-        self.ids: dict[frozenset[PodEntry], int] = {empty: 0}
-        self.free: list[int] = []
-        self.entries: dict[PodEntry, PodEntry] = {}
-        self._added: dict[tuple[int, tuple[PodEntry, ...]], int] = {}
-        self._removed: dict[tuple[int, frozenset[PodEntry]], int] = {}
-        self.object_bytes = 0
-        self.created = 0
-        """Sets interned since the last `collect`."""
-        self.after_collect = 0
-        """Sets left by the last `collect`."""
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    @property
-    def nbytes(self) -> int:
-        """Estimated bytes of the Python objects held (sets, memo tables, id lists)."""
-        memo = (len(self._added) + len(self._removed)) * _MEMO_ITEM
-        lists = 3 * 8 * len(self.sets) + sys.getsizeof(self.ids)
-        return self.object_bytes + memo + lists + 200 * len(self.entries)
-
-    def canonical(self, entries: tuple[PodEntry, ...]) -> tuple[PodEntry, ...]:
-        """The stored object for each entry, so equal entries share one object."""
-        table = self.entries
-        return tuple(table.setdefault(e, e) for e in entries)
-
-    def with_added(self, sid: int, entries: tuple[PodEntry, ...]) -> int:
-        key = (sid, entries)
-        nid = self._added.get(key)
-        if nid is None:
-            cur = self.sets[sid]
-            new = tuple(e for e in entries if e not in cur)
-            if not new:
-                nid = sid
-            else:
-                order = self.orders[sid] + new
-                if self.limit is not None and len(order) > self.limit:
-                    order = order[-self.limit :]
-                nid = self._intern(order)
-            self._memo(self._added, key, nid)
-        return nid
-
-    def with_removed(self, sid: int, entries: frozenset[PodEntry]) -> int:
-        key = (sid, entries)
-        nid = self._removed.get(key)
-        if nid is None:
-            cur = self.sets[sid]
-            nid = (
-                sid
-                if cur.isdisjoint(entries)
-                else self._intern(tuple(e for e in self.orders[sid] if e not in entries))
-            )
-            self._memo(self._removed, key, nid)
-        return nid
-
-    def without_pod(self, pod: str) -> dict[int, int]:
-        """{id: id without the pod's entries} for every live set holding an entry of ``pod``."""
-        out: dict[int, int] = {}
-        for fs, sid in list(self.ids.items()):
-            if any(e.pod == pod for e in fs):
-                out[sid] = self._intern(tuple(e for e in self.orders[sid] if e.pod != pod))
-        return out
-
-    def _memo(self, table: dict[Any, int], key: Any, nid: int) -> None:
-        if len(table) > 4 * len(self.ids) + 65536:
-            table.clear()  # ids stay valid; only the shortcut is lost
-        table[key] = nid
-
-    def _intern(self, order: tuple[PodEntry, ...]) -> int:
-        fs = frozenset(order)
-        sid = self.ids.get(fs)
-        if sid is not None:
-            return sid
-        if self.free:
-            sid = self.free.pop()
-            self.sets[sid], self.orders[sid], self.sizes[sid] = fs, order, len(fs)
-        else:
-            sid = len(self.sets)
-            if sid > _MAX_SET_IDS:
-                raise IndexOperationError("too many distinct entry sets")
-            self.sets.append(fs)
-            self.orders.append(order)
-            self.sizes.append(len(fs))
-        self.ids[fs] = sid
-        self.created += 1
-        self.object_bytes += sys.getsizeof(fs) + sys.getsizeof(order) + _SET_OVERHEAD
-        return sid
-
-    def collect(self, in_use: NDArray[np.bool_]) -> int:
-        """Free every set whose id is not ``in_use`` (id 0 stays); returns how many were freed."""
-        freed = self.release(
-            [sid for sid, fs in enumerate(self.sets) if sid and fs and not in_use[sid]]
-        )
-        live_entries = {e for fs in self.ids for e in fs}
-        self.entries = {e: e for e in self.entries if e in live_entries}
-        self.created = 0
-        self.after_collect = len(self.ids)
-        return freed
-
-    def release(self, ids: Iterable[int]) -> int:
-        """Free these ids, known to be unused by any key; returns how many were freed."""
-        empty: frozenset[PodEntry] = frozenset()
-        freed = 0
-        for sid in ids:
-            fs = self.sets[sid]
-            if not sid or not fs:
-                continue
-            del self.ids[fs]
-            self.object_bytes -= sys.getsizeof(fs) + sys.getsizeof(self.orders[sid]) + _SET_OVERHEAD
-            self.sets[sid], self.orders[sid], self.sizes[sid] = empty, (), 0
-            self.free.append(sid)
-            freed += 1
-        if freed:  # the memo tables may name freed ids
-            self._added.clear()
-            self._removed.clear()
-        return freed
-
-
-# --------------------------------------------------------------------------- recency
-
-
-class Recency:
-    """Approximate-LRU victim selection over one table.
-
-    Small tables get the exact oldest rows. Large ones estimate a clock threshold from a random
-    sample (the ``q``-quantile, q ~ 2k/live clamped to [1/32, 1/2]) and sweep a hand over the
-    slots from where the last sweep stopped, taking live rows at or below it: cost proportional
-    to the rows evicted, no per-key list, and victims drawn from the oldest few percent.
-    """
-
-    def __init__(
-        self, table: SlotTable, clocks: Callable[[NDArray[np.intp]], NDArray[np.uint32]], seed: int
-    ) -> None:
-        self.table = table
-        self.clocks = clocks
-        self.hand = 0
-        self.rng = np.random.default_rng(seed)
-
-    def oldest(self, k: int, now: int) -> NDArray[np.intp]:
-        """About the ``k`` least recent live slots, never one whose clock is ``now``."""
-        table = self.table
-        if k <= 0 or not table.live:
-            return np.empty(0, dtype=np.intp)
-        if table.live <= _EXACT_BELOW or 4 * k >= table.live:
-            return self._exact(k, now)
-        q = min(0.5, max(_OLDEST_SHARE, 2 * k / table.live))
-        # sweep in steps sized to find k victims at density q (whole chunks would overshoot)
-        step = int(np.clip(2 * k * table.cap / (q * table.live), 4096, table.scan_chunk))
-        got = self._sweep(k, self._threshold(q, now), now, step)
-        if got.size < k:  # the sample underestimated: widen, then take anything not current
-            got = self._sweep(k, self._threshold(min(1.0, 4 * q), now), now, step)
-        if got.size < k:
-            got = self._sweep(k, now - 1, now, step)
-        return got
-
-    def _exact(self, k: int, now: int) -> NDArray[np.intp]:
-        slots: NDArray[np.intp] = np.concatenate(list(self.table.iter_live()))
-        c = self.clocks(slots).astype(np.int64)
-        slots = slots[c != now]
-        c = c[c != now]
-        if k < slots.size:
-            slots = slots[np.argpartition(c, k - 1)[:k]]
-        return slots
-
-    def _threshold(self, q: float, now: int) -> int:
-        table = self.table
-        idx = self.rng.integers(0, table.cap, size=min(table.cap, _SAMPLE))
-        idx = idx[table.keys[idx] >= 2]
-        c = self.clocks(idx)
-        c = c[c != now]
-        if c.size < 64:
-            return now - 1
-        j = int(q * (c.size - 1))
-        return int(np.partition(c, j)[j])
-
-    def _sweep(self, k: int, threshold: int, now: int, chunk: int) -> NDArray[np.intp]:
-        table = self.table
-        cap = table.cap
-        pos = self.hand if self.hand < cap else 0
-        out: list[NDArray[np.intp]] = []
-        n = scanned = 0
-        while scanned < cap and n < k:
-            hi = min(pos + chunk, cap)
-            live = (table.keys[pos:hi] >= 2).nonzero()[0] + pos
-            scanned += hi - pos
-            pos = hi % cap
-            if not live.size:
-                continue
-            c = self.clocks(live)
-            picked = live[(c <= threshold) & (c != now)][: k - n]
-            if picked.size:
-                out.append(picked)
-                n += picked.size
-                if n >= k:
-                    pos = int(picked[-1]) + 1
-        self.hand = pos
-        return np.concatenate(out) if out else np.empty(0, dtype=np.intp)
 
 
 # --------------------------------------------------------------------------- the index
@@ -429,8 +141,8 @@ class TableIndex:
         request_keys: Sequence[int],
         entries: Iterable[PodEntry],
     ) -> list[int]:
-        ents = _as_entries(entries, "add")
-        if _sized(request_keys, 1) and (engine_keys is None or _sized(engine_keys, 1)):
+        ents = as_entries(entries, "add")
+        if sized(request_keys, 1) and (engine_keys is None or sized(engine_keys, 1)):
             return self._add1(engine_keys, request_keys, ents)
         r, e = add_keys(engine_keys, request_keys)
         hr = r if e is None and self._kernels else mix(r)
@@ -473,7 +185,7 @@ class TableIndex:
         self, request_keys: Sequence[int], pods: Collection[str] | None = None
     ) -> list[frozenset[PodEntry]]:
         wanted = None if not pods else pods if isinstance(pods, set | frozenset) else set(pods)
-        if _sized(request_keys, 1):
+        if sized(request_keys, 1):
             return self._lookup1(as_key(request_keys[0], "request_keys"), wanted)
         r = as_keys(request_keys, "request_keys")
         if r.size == 0:
@@ -552,7 +264,7 @@ class TableIndex:
             return self._filtered([sid], wanted)
 
     def evict(self, key: int, key_type: KeyType, entries: Iterable[PodEntry]) -> None:
-        ents = frozenset(_as_entries(entries, "evict"))
+        ents = frozenset(as_entries(entries, "evict"))
         k = as_key(key, "key")
         with self._lock:
             self._counters["evicts"] += 1
@@ -568,7 +280,7 @@ class TableIndex:
     def evict_many(
         self, keys: Sequence[int], key_type: KeyType, entries: Iterable[PodEntry]
     ) -> None:
-        ents = frozenset(_as_entries(entries, "evict"))
+        ents = frozenset(as_entries(entries, "evict"))
         k = as_keys(keys, "keys")
         if not isinstance(key_type, KeyType):
             raise IndexOperationError(f"evict: unknown key type {key_type!r}")

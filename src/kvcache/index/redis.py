@@ -46,7 +46,7 @@ from redis.retry import Retry
 from kvcache.blocks import KeyType, PodEntry
 from kvcache.errors import ConfigError, IndexOperationError, UnknownKeyError
 from kvcache.index import redis_scripts as scripts
-from kvcache.index.memory import _as_entries, add_keys, as_key, as_keys
+from kvcache.index.keys import add_keys, as_entries, as_key, as_keys
 
 log = logging.getLogger("kvcache.index.redis")
 
@@ -409,7 +409,7 @@ class RedisIndex:
         request_keys: Sequence[int],
         entries: Iterable[PodEntry],
     ) -> list[int]:
-        ents = _as_entries(entries, "add")
+        ents = as_entries(entries, "add")
         r, e = add_keys(engine_keys, request_keys)
         self._count("adds")
         self._count("admitted_keys", int(r.size))
@@ -417,7 +417,7 @@ class RedisIndex:
         return result if isinstance(result, list) else []
 
     def evict(self, key: int, key_type: KeyType, entries: Iterable[PodEntry]) -> None:
-        ents = _as_entries(entries, "evict")
+        ents = as_entries(entries, "evict")
         k = as_key(key, "key")
         if not isinstance(key_type, KeyType):
             raise IndexOperationError(f"evict: unknown key type {key_type!r}")
@@ -426,7 +426,7 @@ class RedisIndex:
     def evict_many(
         self, keys: Sequence[int], key_type: KeyType, entries: Iterable[PodEntry]
     ) -> None:
-        ents = _as_entries(entries, "evict")
+        ents = as_entries(entries, "evict")
         if not isinstance(key_type, KeyType):
             raise IndexOperationError(f"evict: unknown key type {key_type!r}")
         k = as_keys(keys, "keys").tolist()
