@@ -15,7 +15,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import hashing_bench, ingest_bench, redis_bench, scoring_bench, tokenization_bench
+from bench import (
+    hashing_bench,
+    ingest_bench,
+    load_bench,
+    redis_bench,
+    scoring_bench,
+    tokenization_bench,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -144,6 +151,7 @@ def _table(results: dict[str, Any]) -> str:
             )
         )
     rows.extend(_ingest_rows(results.get("ingest")))
+    rows.extend(_load_rows(results.get("load")))
     rows.extend(_redis_rows(results.get("redis")))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     lines = [
@@ -201,6 +209,55 @@ def _ingest_rows(ingest: dict[str, Any] | None) -> list[tuple[str, str, str]]:
             f"{load['p99_load_over_idle']:.1f}x idle p99 ({load['idle_p99_ms']:.2f} ms)",
         )
     )
+    return rows
+
+
+def _load_rows(load: dict[str, Any] | None) -> list[tuple[str, str, str]]:
+    if not load:
+        return []
+    cond = load["conditions"]
+    rate = load["workload"]["paced_blocks_per_s"] / 1e3
+
+    def ms(name: str) -> str:
+        return f"{cond[name]['p50_ms']:.2f} / {cond[name]['p99_ms']:.2f} ms"
+
+    def x(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.2f}x"
+
+    sent = sum(c["requests"] for name, c in cond.items() if not name.startswith("in_process"))
+    errors = f"{load['errors']} errors / {sent:,} HTTP requests"
+    rows = [
+        (
+            f"HTTP /score_tokens 8k p50 / p99, {rate:.0f}k blocks/s ingest",
+            ms("kvcache_c1"),
+            f"{x(load['http_p50_over_in_process'])} in-process p50 "
+            f"({cond['in_process']['p50_ms']:.2f} ms; target <= 2x)",
+        ),
+        (
+            "HTTP /score_tokens 8k p50 / p99, no ingest",
+            ms("kvcache_c1_idle"),
+            f"{x(load['idle_http_p50_over_in_process'])} in-process p50 "
+            f"({cond['in_process_idle']['p50_ms']:.2f} ms)",
+        ),
+        (
+            "HTTP /score_tokens 8k throughput, 4 connections, ingest",
+            f"{cond['kvcache_c4']['throughput_rps']:.0f} req/s",
+            errors,
+        ),
+    ]
+    if "dynamo_c1" in cond:
+        rows += [
+            (
+                "Dynamo /query 8k p50 / p99, same ingest",
+                ms("dynamo_c1"),
+                f"kvcache HTTP p50 takes {x(load['kvcache_p50_over_dynamo'])} this",
+            ),
+            (
+                "Dynamo /query 8k throughput, 4 connections",
+                f"{cond['dynamo_c4']['throughput_rps']:.0f} req/s",
+                f"kvcache {x(load['kvcache_throughput_over_dynamo'])} this",
+            ),
+        ]
     return rows
 
 
@@ -262,6 +319,7 @@ def main() -> None:
         "memory": memory(args.quick),
         "tokenization": tokenization_bench.run(quick=args.quick),
         "ingest": ingest_bench.run(quick=args.quick),
+        "load": load_bench.run(quick=args.quick),
         "redis": redis_bench.run(None, cluster=not args.quick, quick=args.quick),
     }
     results["seconds"] = time.time() - started
