@@ -200,6 +200,13 @@ FAMILIES: tuple[Family, ...] = (
     Family("kvcache_sequence_gaps", "counter", (), _INGEST, "Sequence gaps (lost batches)"),
     Family("kvcache_publisher_resets", "counter", (), _INGEST, "Publisher restarts detected"),
     Family(
+        "kvcache_duplicate_batches",
+        "counter",
+        (),
+        _INGEST,
+        "Batches delivered twice (same sequence number and timestamp), skipped",
+    ),
+    Family(
         "kvcache_hash_mismatches",
         "counter",
         (),
@@ -310,6 +317,7 @@ _INGEST_VALUES = {
     "clears": "kvcache_pod_clears",
     "gaps": "kvcache_sequence_gaps",
     "resets": "kvcache_publisher_resets",
+    "duplicates": "kvcache_duplicate_batches",
     "hash_mismatches": "kvcache_hash_mismatches",
     "queue_overflow": "kvcache_queue_overflow",
     "queue_depth": "kvcache_queue_depth",

@@ -163,6 +163,7 @@ def test_in_process_families_move_under_real_operations() -> None:
         watch.scrape()
         submit(_frames("p1", 0, AllBlocksCleared()))  # seq back to 0: a publisher restart
         submit(_frames("p1", 1, BlockStored(keys[:1], None, tokens[:16], 16)))
+        submit(_frames("p1", 1, BlockStored(keys[:1], None, tokens[:16], 16)))  # delivered twice
         submit(_frames("p1", 2, AllBlocksCleared()))
         assert pipeline.drain()
     finally:
@@ -196,7 +197,8 @@ def test_in_process_families_move_under_real_operations() -> None:
     assert expected - watch.moved == set()
     # spot checks against what was sent
     final = watch.last
-    assert final["kvcache_events_messages_received"] == submitted[0] == 10
+    assert final["kvcache_events_messages_received"] == submitted[0] == 11
+    assert final["kvcache_duplicate_batches"] == 1
     assert final["kvcache_queue_overflow"] == 1
     assert final["kvcache_sequence_gaps"] == 1
     assert final["kvcache_publisher_resets"] == 1

@@ -96,6 +96,8 @@ class IngestStats:
     gaps: int = 0
     resets: int = 0
     hash_mismatches: int = 0
+    duplicates: int = 0
+    """Batches delivered twice (same sequence number and timestamp), skipped."""
     blocks_skipped: Counter[str] = field(default_factory=Counter)
 
 
@@ -218,7 +220,8 @@ class EventApplier:
         pod = message.pod
         if self.dp_rank_in_pod_id and batch.dp_rank is not None:
             pod = f"{pod}@dp{batch.dp_rank}"
-        self._observe_seq(message.pod, batch.dp_rank, message.seq, pod)
+        if self._observe_seq(message.pod, batch.dp_rank, message.seq, pod, batch.ts):
+            return  # the same batch again: applied already
         for rejection in batch.rejected:
             stats.events_rejected[rejection.reason] += 1
             log.warning(
@@ -234,7 +237,8 @@ class EventApplier:
         if state is None:
             state = self.pods[pod] = PodState(pod)
         model = message.model or ""
-        stored = removed = 0
+        stored = 0
+        removed = batch.merged  # removals the decoder folded into one event still count
         # While a removal run is open (engines send one BlockRemoved per block, back to back),
         # a removal of the same medium and group only extends it: the hot path of the loop.
         run: list[int] | None = None
@@ -291,8 +295,14 @@ class EventApplier:
 
     # -- sequence -----------------------------------------------------------------------------
 
-    def _observe_seq(self, publisher: str, rank: int | None, seq: int, pod: str) -> None:
-        verdict = self.sequences.observe(publisher, rank, seq)
+    def _observe_seq(
+        self, publisher: str, rank: int | None, seq: int, pod: str, ts: float | None = None
+    ) -> bool:
+        """Track the stream's sequence; True when the batch is a duplicate to skip."""
+        verdict = self.sequences.observe(publisher, rank, seq, ts)
+        if verdict is SeqVerdict.DUPLICATE:
+            self.stats.duplicates += 1
+            return True
         if verdict is SeqVerdict.GAP:
             self.stats.gaps += 1
             gap = self.sequences.streams[(publisher, rank)].last_gap
@@ -317,6 +327,7 @@ class EventApplier:
                 removed,
                 extra={"pod": publisher, "rank": rank, "seq": seq, "cleared": removed},
             )
+        return False
 
     # -- BlockStored --------------------------------------------------------------------------
 

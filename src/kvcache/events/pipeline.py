@@ -221,6 +221,7 @@ class IngestPipeline:
                     "gaps": stream.gaps,
                     "lost_batches": stream.lost_batches,
                     "resets": stream.resets,
+                    "duplicates": stream.duplicates,
                     "last_event_time": stream.last_event_time,
                 }
             for pod, state in applier.pods.items():
@@ -239,6 +240,7 @@ class IngestPipeline:
             "clears": 0,
             "gaps": 0,
             "resets": 0,
+            "duplicates": 0,
             "hash_mismatches": 0,
             "events_applied": Counter(),
             "events_rejected": Counter(),
@@ -255,6 +257,7 @@ class IngestPipeline:
                 "clears",
                 "gaps",
                 "resets",
+                "duplicates",
                 "hash_mismatches",
             ):
                 totals[name] += getattr(stats, name)

@@ -147,7 +147,13 @@ class BlockStored(msgspec.Struct, frozen=True, gc=False, tag_field="type", tag=B
 
 
 class BlockRemoved(msgspec.Struct, frozen=True, gc=False, tag_field="type", tag=BLOCK_REMOVED_TAG):
-    """Blocks evicted from a pod (vLLM sends one hash per event)."""
+    """Blocks evicted from a pod, in eviction order.
+
+    vLLM sends one hash per event. The decoder may fold a run of consecutive removals with
+    equal ``medium``, ``group_idx``, ``locality`` and ``ownership`` into one event whose
+    ``block_hashes`` concatenate theirs in order (see `EventBatch.merged`): for an index it is
+    the same sequence of evictions.
+    """
 
     block_hashes: list[_UInt]
     medium: str | None = None
@@ -177,13 +183,21 @@ class Rejection(msgspec.Struct, frozen=True, gc=False):
 
 
 class EventBatch(msgspec.Struct, frozen=True, gc=False):
-    """One engine step's worth of events, in publish order."""
+    """One engine step's worth of events, in publish order.
+
+    Consecutive `BlockRemoved` events of one medium, group, locality and ownership may arrive
+    merged into one (the decoder's compiled fast path does it); ``merged`` counts the wire
+    events folded away, so ``len(events) + merged + len(rejected)`` is the number the engine
+    sent.
+    """
 
     ts: float
     events: list[Event]
     dp_rank: int | None = None
     """Data-parallel rank; ``None`` when the batch does not carry one (vLLM 0.9.0)."""
     rejected: list[Rejection] = msgspec.field(default_factory=list)
+    merged: int = 0
+    """Wire BlockRemoved events folded into the one before them (0 when nothing was merged)."""
 
 
 class Message(msgspec.Struct, frozen=True, gc=False):

@@ -1,7 +1,10 @@
 """Per-publisher sequence tracking: gaps (lost batches) and restarts (sequence went backwards).
 
 vLLM numbers batches from 0 per publisher process with no epoch, so a sequence number that does
-not move forward means the engine restarted and everything we knew about that pod is stale.
+not move forward means the engine restarted and everything we knew about that pod is stale. The
+one exception is the same batch delivered again (same sequence number and same timestamp: a
+network-level duplicate or a replayed batch): it is skipped, not taken for a restart, because a
+restarted engine stamps its batches with a new time.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ class SeqVerdict(enum.Enum):
     """Some batches were lost between the last one and this one."""
     RESET = "reset"
     """The publisher restarted (or was replaced): drop what we know about it first."""
+    DUPLICATE = "duplicate"
+    """The last batch again (same sequence number and timestamp): skip it."""
 
 
 @dataclass(slots=True)
@@ -30,7 +35,9 @@ class StreamState:
     """What we know about one (pod, data-parallel rank) stream."""
 
     last_seq: int = -1
+    last_ts: float | None = None
     batches: int = 0
+    duplicates: int = 0
     gaps: int = 0
     lost_batches: int = 0
     resets: int = 0
@@ -46,15 +53,20 @@ class SequenceTracker:
     clock: Callable[[], float] = time.time
     streams: dict[tuple[str, int | None], StreamState] = field(default_factory=dict)
 
-    def observe(self, pod: str, rank: int | None, seq: int) -> SeqVerdict:
-        """Record ``seq`` for the stream and say how it relates to the previous one."""
+    def observe(self, pod: str, rank: int | None, seq: int, ts: float | None = None) -> SeqVerdict:
+        """Record ``seq`` (and the batch's timestamp ``ts``, when known) for the stream and say
+        how it relates to the previous batch."""
         state = self.streams.get((pod, rank))
         if state is None:
             state = self.streams[(pod, rank)] = StreamState()
-        state.batches += 1
         state.last_event_time = self.clock()
+        if seq == state.last_seq and ts is not None and ts == state.last_ts:
+            state.duplicates += 1
+            return SeqVerdict.DUPLICATE
+        state.batches += 1
         last = state.last_seq
         state.last_seq = seq
+        state.last_ts = ts
         if last < 0:
             return SeqVerdict.FIRST
         if seq == last + 1:

@@ -212,3 +212,17 @@ def test_bad_events_are_counted_and_the_rest_applies(index: MemoryIndex) -> None
     applier.apply(Message("p", "m", 0, batch))
     assert applier.stats.events_rejected == {"bad_token_ids": 1, "unapplicable": 1}
     assert score(index, TOKENS[:BS]) == {"p": 1.0}
+
+
+def test_a_batch_delivered_twice_is_skipped_not_taken_for_a_restart() -> None:
+    from kvcache.events.sequence import SequenceTracker, SeqVerdict
+
+    tracker = SequenceTracker()
+    assert tracker.observe("p", 0, 0, 1.0) is SeqVerdict.FIRST
+    assert tracker.observe("p", 0, 0, 1.0) is SeqVerdict.DUPLICATE
+    assert tracker.observe("p", 0, 1, 2.0) is SeqVerdict.NEXT
+    assert tracker.observe("p", 0, 1, 2.0) is SeqVerdict.DUPLICATE
+    # the same number with a new timestamp is a restarted engine
+    assert tracker.observe("p", 0, 1, 9.0) is SeqVerdict.RESET
+    assert tracker.observe("p", 0, 0, 9.5) is SeqVerdict.RESET
+    assert tracker.streams[("p", 0)].duplicates == 2
