@@ -1,7 +1,8 @@
-"""Build hook for the optional C kernels; all metadata lives in pyproject.toml.
+"""Build hook for the optional C extensions; all metadata lives in pyproject.toml.
 
-The extension is optional: where no C compiler is available the build goes on without it and
-the index runs its numpy paths (`kvcache.index.kernels.AVAILABLE` tells which one is in use).
+Both extensions are optional: where no C compiler is available the build goes on without them,
+the index runs its numpy paths (`kvcache.index.memory.KERNELS_AVAILABLE` tells which one is in
+use) and the event decoder its msgspec paths (`kvcache.events.decode.FAST_PATH_AVAILABLE`).
 """
 
 from setuptools import Extension, setup
@@ -13,6 +14,12 @@ setup(
             ["src/kvcache/index/_kernels.c"],
             extra_compile_args=["-O3", "-std=c11"],
             optional=True,
-        )
+        ),
+        Extension(
+            "kvcache.events._fastdecode",
+            ["src/kvcache/events/_fastdecode.c"],
+            extra_compile_args=["-O3", "-std=c11"],
+            optional=True,
+        ),
     ]
 )

@@ -1,0 +1,257 @@
+"""The compiled decoder fast path against msgspec's paths on generated vLLM map-form batches.
+
+Valid batches must decode to the model the generator states, with consecutive removals of equal
+(medium, group_idx, locality, ownership) merged; anything mutated must decode exactly as the
+msgspec paths decode it, merged or not, and never raise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import msgspec
+from hypothesis import HealthCheck, given, settings, target
+from hypothesis import strategies as st
+
+from kvcache.events import (
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    Event,
+    EventBatch,
+    FrameRejection,
+    decode_payload,
+)
+from kvcache.events import decode as decode_module
+from kvcache.events._fastdecode import scan
+
+U64 = (1 << 64) - 1
+SETTINGS = settings(deadline=None, max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+ABSENT: Any = object()  # a field left out of the map
+
+
+@contextmanager
+def fast_path(enabled: bool) -> Iterator[None]:
+    previous = decode_module.set_fast_path(enabled)
+    try:
+        yield
+    finally:
+        decode_module.set_fast_path(previous)
+
+
+def decode_both(payload: bytes) -> tuple[EventBatch | FrameRejection, EventBatch | FrameRejection]:
+    with fast_path(True):
+        fast = decode_payload(payload)
+    with fast_path(False):
+        slow = decode_payload(payload)
+    return fast, slow
+
+
+def merge_removals(events: list[Event]) -> tuple[list[Event], int]:
+    """The expected merge, written apart from the decoder: consecutive BlockRemoved events of
+    equal (medium, group_idx, locality, ownership) become one with their hashes in order."""
+    out: list[Event] = []
+    folded = 0
+    for event in events:
+        if isinstance(event, BlockRemoved) and out:
+            last = out[-1]
+            key = (event.medium, event.group_idx, event.locality, event.ownership)
+            if isinstance(last, BlockRemoved) and key == (
+                last.medium,
+                last.group_idx,
+                last.locality,
+                last.ownership,
+            ):
+                out[-1] = BlockRemoved([*last.block_hashes, *event.block_hashes], *key)
+                folded += 1
+                continue
+        out.append(event)
+    return out, folded
+
+
+# --- generated valid batches -----------------------------------------------------------------
+
+u64s = st.integers(0, U64)
+# Token ids across every msgpack int width, mostly vocabulary-sized.
+tokens = st.integers(0, 300_000) | st.sampled_from([0, 127, 128, 255, 256, 65535, 65536, U64])
+small_str = st.text(max_size=6)
+# A handful of values each, so that consecutive removals often share all four.
+mediums = st.sampled_from([ABSENT, None, "GPU", "CPU"])
+groups = st.sampled_from([ABSENT, None, 0, 1])
+localities = st.sampled_from([ABSENT, ABSENT, None, "local"])
+ownerships = st.sampled_from([ABSENT, ABSENT, None, "shared"])
+unknown_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(1 << 63), U64)
+    | st.floats()
+    | small_str
+    | st.binary(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(small_str, inner, max_size=3),
+    max_leaves=8,
+)
+
+
+def present(value: Any) -> Any:
+    return None if value is ABSENT else value
+
+
+@st.composite
+def wire_map(draw: st.DrawFn, fields: dict[str, Any]) -> dict[str, Any]:
+    """The map as an engine might send it: fields absent, reordered, unknown keys added."""
+    items = [(name, value) for name, value in fields.items() if value is not ABSENT]
+    if draw(st.integers(0, 4)) == 0:
+        items = draw(st.permutations(items))
+    if draw(st.integers(0, 5)) == 0:
+        extra = draw(st.dictionaries(small_str.map(lambda s: "x_" + s), unknown_values, max_size=2))
+        items += list(extra.items())
+    return dict(items)
+
+
+@st.composite
+def removed_event(draw: st.DrawFn) -> tuple[dict[str, Any], Event]:
+    hashes = draw(st.lists(u64s, min_size=0, max_size=3))
+    if draw(st.booleans()):  # as vLLM sends them: most neighbours merge
+        medium, group, locality, ownership = "GPU", 0, ABSENT, ABSENT
+    else:
+        medium, group = draw(mediums), draw(groups)
+        locality, ownership = draw(localities), draw(ownerships)
+    fields = {
+        "type": "BlockRemoved",
+        "block_hashes": hashes,
+        "medium": medium,
+        "group_idx": group,
+        "locality": locality,
+        "ownership": ownership,
+    }
+    model = BlockRemoved(
+        hashes, present(medium), present(group), present(locality), present(ownership)
+    )
+    return draw(wire_map(fields)), model
+
+
+@st.composite
+def stored_event(draw: st.DrawFn) -> tuple[dict[str, Any], Event]:
+    optional: dict[str, st.SearchStrategy[Any]] = {
+        "lora_id": st.none() | st.integers(-5, 5),
+        "medium": st.none() | st.sampled_from(["GPU", "CPU"]),
+        "lora_name": st.none() | small_str,
+        "extra_keys": st.none() | st.lists(st.none() | st.lists(small_str, max_size=2), max_size=3),
+        "group_idx": st.none() | st.integers(0, 3),
+        "kv_cache_spec_kind": st.none() | small_str,
+        "kv_cache_spec_sliding_window": st.none() | st.integers(0, 4096),
+        "locality": st.none() | small_str,
+        "ownership": st.none() | small_str,
+        "session_id": st.none() | small_str,
+        "lookahead_token_ids": st.none() | st.lists(st.lists(tokens, max_size=3), max_size=2),
+        "cache_salt": st.none() | small_str,
+    }
+    fields: dict[str, Any] = {
+        "type": "BlockStored",
+        "block_hashes": draw(st.lists(u64s, max_size=4)),
+        "parent_block_hash": draw(st.none() | u64s),
+        "token_ids": draw(st.lists(tokens, max_size=40)),
+        "block_size": draw(st.integers(0, 64)),
+    }
+    for name, strategy in optional.items():
+        fields[name] = draw(strategy) if draw(st.booleans()) else ABSENT
+    model = BlockStored(**{k: present(v) for k, v in fields.items() if k != "type"})
+    return draw(wire_map(fields)), model
+
+
+@st.composite
+def cleared_event(draw: st.DrawFn) -> tuple[dict[str, Any], Event]:
+    return draw(wire_map({"type": "AllBlocksCleared"})), AllBlocksCleared()
+
+
+event_lists = st.lists(
+    st.one_of(removed_event(), removed_event(), stored_event(), cleared_event()), max_size=12
+)
+
+
+@st.composite
+def valid_batches(draw: st.DrawFn) -> tuple[bytes, list[Event], float, int | None]:
+    pairs = draw(event_lists)
+    ts = draw(st.floats(allow_nan=False))
+    wire = [w for w, _ in pairs]
+    if draw(st.booleans()):
+        rank = draw(st.none() | st.integers(0, U64))
+        payload = msgspec.msgpack.encode([ts, wire, rank])
+    else:
+        rank = None
+        payload = msgspec.msgpack.encode([ts, wire])
+    return payload, [m for _, m in pairs], ts, rank
+
+
+@SETTINGS
+@given(valid_batches())
+def test_valid_batches_decode_to_the_stated_model_with_removals_merged(
+    batch: tuple[bytes, list[Event], float, int | None],
+) -> None:
+    payload, expected, ts, rank = batch
+    assert scan(payload) is not None
+    fast, slow = decode_both(payload)
+    assert isinstance(fast, EventBatch) and isinstance(slow, EventBatch)
+    assert slow.events == expected and slow.merged == 0
+    assert (fast.events, fast.merged) == merge_removals(expected)
+    assert (fast.ts, fast.dp_rank, fast.rejected) == (ts, rank, [])
+    assert len(fast.events) + fast.merged == len(expected)
+    target(fast.merged)  # steer towards long merged runs
+
+
+# --- mutated batches -------------------------------------------------------------------------
+
+
+def same_up_to_merging(
+    fast: EventBatch | FrameRejection, slow: EventBatch | FrameRejection
+) -> bool:
+    if fast == slow:
+        return True  # the scan refused: the msgspec paths decided alone
+    if not (isinstance(fast, EventBatch) and isinstance(slow, EventBatch)):
+        return False
+    if slow.rejected or fast.rejected:
+        return False  # the scan only ever takes batches msgspec decodes whole
+    same_floats = fast.ts == slow.ts or (fast.ts != fast.ts and slow.ts != slow.ts)  # NaN
+    return (
+        same_floats
+        and fast.dp_rank == slow.dp_rank
+        and (fast.events, fast.merged) == merge_removals(slow.events)
+    )
+
+
+@st.composite
+def mutated(draw: st.DrawFn) -> bytes:
+    payload, _, _, _ = draw(valid_batches())
+    data = bytearray(payload)
+    for _ in range(draw(st.integers(1, 4))):
+        action = draw(st.sampled_from(["flip", "set", "truncate", "insert", "delete"]))
+        at = draw(st.integers(0, max(len(data) - 1, 0)))
+        if action == "flip" and data:
+            data[at] ^= 1 << draw(st.integers(0, 7))
+        elif action == "set" and data:
+            data[at] = draw(st.integers(0, 255))
+        elif action == "truncate":
+            del data[at:]
+        elif action == "insert":
+            data[at:at] = draw(st.binary(min_size=1, max_size=9))
+        elif data:
+            del data[at : at + draw(st.integers(1, 9))]
+    return bytes(data)
+
+
+@SETTINGS
+@given(mutated())
+def test_mutated_batches_decode_as_the_msgspec_paths_decode_them(payload: bytes) -> None:
+    fast, slow = decode_both(payload)
+    assert same_up_to_merging(fast, slow), (fast, slow)
+
+
+@SETTINGS
+@given(st.binary(max_size=300))
+def test_random_bytes_after_a_standard_header(tail: bytes) -> None:
+    for payload in (tail, b"\x93\xcb" + bytes(8) + tail, b"\x93\xcb" + bytes(8) + b"\x91" + tail):
+        scan(payload)  # must not crash or read out of bounds
+        fast, slow = decode_both(payload)
+        assert same_up_to_merging(fast, slow), (fast, slow)
