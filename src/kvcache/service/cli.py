@@ -290,7 +290,51 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_flags(show)
     config_commands.add_parser("schema", help="print the JSON schema of the config file")
+    _add_sim_command(commands)
     return parser
+
+
+def _add_sim_command(commands: argparse._SubParsersAction[_OneLineParser]) -> None:
+    """`kvcache sim`: the simulated fleet (kvcache.sim.run; docs/simulator.md)."""
+    sim = commands.add_parser(
+        "sim",
+        help="compare routing policies on a simulated vLLM fleet feeding a real kvcache",
+        description=(
+            "Simulate a fleet of vLLM pods (prefix cache, batching, real KV events over ZMQ "
+            "into an in-process kvcache), run every routing policy at each QPS, show the "
+            "self-healing demo, and write results.json, results.csv and PNG plots."
+        ),
+    )
+    sim.add_argument("--out", default="sim-results", metavar="DIR", help="output directory")
+    sim.add_argument("--qps", default=None, help="comma-separated rates (default 25,50,100)")
+    sim.add_argument("--pods", type=int, default=4, help="simulated pods (default 4)")
+    sim.add_argument(
+        "--workload",
+        default="shared-prefix",
+        help="shared-prefix (default), chat, long-tail or trace (with --trace)",
+    )
+    sim.add_argument("--trace", default=None, metavar="FILE", help="JSONL trace to replay")
+    sim.add_argument("--requests", type=int, default=800, help="requests per run (default 800)")
+    sim.add_argument("--seed", type=int, default=0, help="seed of workloads and faults")
+    sim.add_argument("--policies", default=None, help="comma-separated subset of the policies")
+    sim.add_argument(
+        "--faults",
+        default=None,
+        help="faults in every run: drop=P,duplicate=P,delay=S,restart=T[@POD] (rates: KIND=V@POD)",
+    )
+    sim.add_argument(
+        "--capacity-blocks", type=int, default=2048, help="KV blocks per pod (default 2048)"
+    )
+    sim.add_argument("--block-size", type=int, default=16, help="tokens per block (default 16)")
+    sim.add_argument("--layout", default="vllm-0.32", help="vLLM wire layout of the events")
+    sim.add_argument(
+        "--timing",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="override a timing constant, e.g. prefill_per_token=5e-5 (repeatable)",
+    )
+    sim.add_argument("--no-demo", action="store_true", help="skip the self-healing demo")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -304,6 +348,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             _tokenize_command(args, sys.stdin, sys.stdout)
         elif args.command == "config":
             _config_command(args, sys.stdout, sys.stderr)
+        elif args.command == "sim":
+            from kvcache.sim.run import sim_command
+
+            sim_command(args)
         elif args.command == "serve":
             from kvcache.service.app import serve
             from kvcache.service.logs import configure_logging

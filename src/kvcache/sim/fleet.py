@@ -1,0 +1,376 @@
+"""A simulated fleet wired to a real kvcache, and the discrete-event loop that runs a workload.
+
+Each pod is a `SimEngine` (vLLM's block pool) publishing real wire-format KV events through its
+own `ZmqPublisher` to one in-process kvcache (`Indexer` + `IngestPipeline` + `Subscriber` bound
+on a free loopback port), and a `PodScheduler` (timing.py) that decides when requests are
+admitted and when tokens come out.
+
+Routing happens in simulated time, events travel in real time. Before every decision the loop
+releases the delayed messages that are due and then waits (bounded) until kvcache has applied
+every message the publishers have put on their sockets: the index is then exactly as current
+as the fault model allows, which is what makes "prediction accuracy 100% without faults" a
+statement about kvcache and not about the machine's speed.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from typing import Annotated, Literal
+
+import msgspec
+
+from kvcache.config import Config, HashingConfig
+from kvcache.events.pipeline import IngestPipeline
+from kvcache.events.subscriber import Subscriber
+from kvcache.hashing import make_scheme
+from kvcache.indexer import Indexer
+from kvcache.routing import CostModel, PodLoad, Router
+from kvcache.sim.engine import PoolExhaustedError, SimEngine
+from kvcache.sim.policies import Policy, RouteContext, make_policy
+from kvcache.sim.results import Decision, RunRecord
+from kvcache.sim.timing import Job, PodScheduler, TimingModel
+from kvcache.sim.wire import ZmqPublisher
+from kvcache.sim.workloads import SimRequest
+
+log = logging.getLogger("kvcache.sim")
+
+FaultKind = Literal["drop", "duplicate", "delay", "restart"]
+
+
+class FaultAction(msgspec.Struct, frozen=True):
+    """At simulated time ``at``: set a publisher's fault rate / delay, or restart a pod."""
+
+    at: Annotated[float, msgspec.Meta(ge=0)]
+    kind: FaultKind
+    pod: int | None = None
+    """Fleet position of the pod; None = every pod (not for restarts)."""
+    value: float = 0.0
+    """Probability for drop/duplicate, seconds for delay; unused for restart."""
+
+
+class FleetSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """The shape of the simulated fleet."""
+
+    pods: Annotated[int, msgspec.Meta(ge=1)] = 4
+    block_size: Annotated[int, msgspec.Meta(ge=1)] = 16
+    capacity_blocks: Annotated[int, msgspec.Meta(ge=1)] = 2048
+    """KV blocks per pod (vLLM's num_gpu_blocks minus the null block)."""
+    timing: TimingModel = msgspec.field(default_factory=TimingModel)
+    layout: str = "vllm-0.32"
+    hash_scheme: str = "sha256"
+    approximate_lru_entries: int = 31_250
+    speculative_ttl: float = 2.0
+    sync_timeout: float = 5.0
+    """Real seconds to wait for kvcache to apply what was sent before a decision."""
+
+
+def pod_name(number: int) -> str:
+    """The pod id of fleet position ``number`` (as engines' topics name pods)."""
+    return f"10.0.0.{number + 1}:8000"
+
+
+def cost_model(timing: TimingModel, mean_prompt: float) -> CostModel:
+    """The Router's constants for the simulated engines, as an operator would measure them.
+
+    In this engine a request queues only while the block pool is exhausted and is otherwise
+    admitted at the next step boundary, so a request ahead costs about one step
+    (``step_overhead``); a running request lengthens every step by reading its context
+    (``kv_read_per_token`` x the mean prompt). A queue therefore forms exactly when spreading a
+    prefix to another pod costs the most (its blocks compete for the exhausted pool), so the
+    stickiness is kept on under load (no saturation cut-off).
+    """
+    return CostModel(
+        prefill_per_token=timing.prefill_per_token,
+        queue_per_request=timing.step_overhead,
+        running_per_request=timing.kv_read_per_token * mean_prompt,
+        saturation_kv_usage=1.0,
+        saturation_waiting=1_000_000,
+    )
+
+
+class Fleet:
+    """Engines, publishers and the in-process kvcache of one run. Use as a context manager."""
+
+    def __init__(self, spec: FleetSpec, *, seed: int = 0) -> None:
+        self.spec = spec
+        self.now = 0.0
+        hashing = msgspec.convert(
+            {"scheme": spec.hash_scheme, "block_size": spec.block_size}, HashingConfig
+        )
+        self.indexer = Indexer(Config(hashing=hashing))
+        self.pipeline = IngestPipeline(self.indexer.index, self.indexer.scheme)
+        self.subscriber = Subscriber(self.pipeline.submit, bind=["tcp://127.0.0.1:0"])
+        self.subscriber.start()
+        endpoint = self.subscriber.bound[0]
+        self.pods = [pod_name(n) for n in range(spec.pods)]
+        self.publishers: list[ZmqPublisher] = []
+        self.engines: list[SimEngine] = []
+        self.schedulers: list[PodScheduler] = []
+        try:
+            for number, pod in enumerate(self.pods):
+                publisher = ZmqPublisher(
+                    endpoint,
+                    f"kv@{pod}@sim-model",
+                    layout=spec.layout,
+                    rng=random.Random(f"{seed}:faults:{number}"),
+                    clock=self._clock,
+                    bind=False,
+                )
+                self.publishers.append(publisher)
+                # The engines' own scheme object: the ingest thread verifies with kvcache's.
+                scheme = make_scheme(spec.hash_scheme, block_size=spec.block_size)
+                engine = SimEngine(
+                    pod,
+                    block_size=spec.block_size,
+                    num_blocks=spec.capacity_blocks + 1,
+                    scheme=scheme,
+                    sink=publisher,
+                )
+                self.engines.append(engine)
+                self.schedulers.append(PodScheduler(engine, spec.timing))
+            for publisher in self.publishers:
+                if not publisher.wait_subscribed(spec.sync_timeout):
+                    raise RuntimeError("kvcache's subscriber did not see the simulated engines")
+        except BaseException:
+            self.close()
+            raise
+        self.sync_timeouts = 0
+
+    def _clock(self) -> float:
+        return self.now
+
+    def __enter__(self) -> Fleet:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the sockets and stop kvcache's subscriber."""
+        for publisher in self.publishers:
+            publisher.close()
+        self.subscriber.stop()
+
+    # -- the kvcache side ---------------------------------------------------------------------
+
+    def applied_messages(self) -> int:
+        """Messages kvcache has applied (inline pipeline: applied as received)."""
+        return sum(applier.stats.messages for applier in self.pipeline.appliers)
+
+    def sync(self) -> bool:
+        """Release due delayed messages, then wait until kvcache applied all that was sent."""
+        for publisher in self.publishers:
+            if publisher.held:
+                publisher.release_due(self.now)
+        target = sum(publisher.sent for publisher in self.publishers)
+        if self.applied_messages() >= target:
+            return True
+        deadline = time.monotonic() + self.spec.sync_timeout
+        pause = 2e-5
+        while self.applied_messages() < target:
+            if time.monotonic() > deadline:
+                self.sync_timeouts += 1
+                log.warning("kvcache did not apply every sent message within the sync timeout")
+                return False
+            time.sleep(pause)
+            pause = min(pause * 2, 1e-3)
+        return True
+
+    def predicted_tokens(self, keys: Sequence[int], prompt_len: int, pod: str) -> int:
+        """kvcache's prediction of the pod's cached tokens from confirmed (event) entries only.
+
+        Speculative credits are left out: they anticipate blocks the engine does not hold yet,
+        and accuracy measures whether the index mirrors the engines.
+        """
+        bs = self.spec.block_size
+        cap = min(len(keys), (prompt_len - 1) // bs) if prompt_len else 0
+        if cap == 0:
+            return 0
+        blocks = 0
+        for entries, length in self.indexer.index.lookup_runs(keys[:cap], [pod]):
+            if not any(e.pod == pod and not e.speculative for e in entries):
+                break
+            blocks += length
+        return blocks * bs
+
+    def loads(self) -> list[PodLoad]:
+        """Each pod's load as its /metrics would show it."""
+        return [
+            PodLoad(pod, waiting=s.queued, running=s.running, kv_usage=s.kv_usage)
+            for pod, s in zip(self.pods, self.schedulers, strict=True)
+        ]
+
+    def ingest_statistics(self) -> dict[str, int]:
+        """kvcache's ingest counters that matter here."""
+        stats = self.pipeline.statistics()
+        return {
+            name: int(stats[name])
+            for name in ("messages", "blocks_stored", "blocks_removed", "gaps", "resets")
+        }
+
+    def publisher_statistics(self) -> dict[str, int]:
+        """The publishers' counters, summed."""
+        total: dict[str, int] = {}
+        for publisher in self.publishers:
+            for name, value in publisher.statistics().items():
+                total[name] = total.get(name, 0) + value
+        return total
+
+    # -- faults -------------------------------------------------------------------------------
+
+    def apply_fault(self, action: FaultAction, record: RunRecord) -> None:
+        """Change a publisher's fault model or restart a pod (its requests are lost)."""
+        targets = range(len(self.pods)) if action.pod is None else [action.pod]
+        for number in targets:
+            if not 0 <= number < len(self.pods):
+                raise ValueError(f"fault {action.kind} at {action.at}: no pod {number}")
+            publisher = self.publishers[number]
+            if action.kind == "drop":
+                publisher.drop_rate = action.value
+            elif action.kind == "duplicate":
+                publisher.duplicate_rate = action.value
+            elif action.kind == "delay":
+                publisher.delay_s = action.value
+            else:
+                record.aborted += len(self.schedulers[number].abort_all(self.now))
+                self.engines[number].restart()
+
+
+def build_policy(name: str, fleet: Fleet, requests: Sequence[SimRequest], seed: int) -> Policy:
+    """The named policy, wired to this fleet's kvcache and engines."""
+    router = None
+    if name == "precise_load":
+        mean_prompt = sum(len(r.prompt) for r in requests) / max(1, len(requests))
+        router = Router(
+            fleet.indexer,
+            cost_model(fleet.spec.timing, mean_prompt),
+            speculative_ttl=fleet.spec.speculative_ttl,
+            clock=fleet._clock,
+        )
+    return make_policy(
+        name,
+        pods=fleet.pods,
+        seed=seed,
+        indexer=fleet.indexer,
+        router=router,
+        cached_tokens={e.pod: e.cached_tokens for e in fleet.engines},
+        approximate_lru_entries=fleet.spec.approximate_lru_entries,
+    )
+
+
+# Event order at equal times: steps end first (they free blocks), then faults, then arrivals.
+_STEP, _FAULT, _ARRIVAL = 0, 1, 2
+
+
+def simulate(
+    fleet: Fleet,
+    policy: Policy,
+    requests: Sequence[SimRequest],
+    *,
+    qps: float,
+    workload: str,
+    faults: Sequence[FaultAction] = (),
+    progress: Callable[[int], None] | None = None,
+) -> RunRecord:
+    """Run ``requests`` through ``fleet`` routed by ``policy``; returns the raw record."""
+    started = time.perf_counter()
+    record = RunRecord(policy.name, qps, workload, list(fleet.pods))
+    schedulers = fleet.schedulers
+    generation = [0] * len(schedulers)  # a restart makes the pod's planned step stale
+    # (time, kind, order, payload): payload is the request / fault index, or (for a step) the
+    # pod number; a step's entry also remembers the pod's generation when it was planned.
+    heap: list[tuple[float, int, int, int]] = [
+        (request.arrival, _ARRIVAL, n, n) for n, request in enumerate(requests)
+    ]
+    heap.extend((action.at, _FAULT, n, n) for n, action in enumerate(faults))
+    heapq.heapify(heap)
+    order = len(heap)
+    step_generation: dict[int, int] = {}
+
+    def collect(scheduler: PodScheduler) -> None:
+        for job in scheduler.finished:
+            record.prompt_tokens.append(len(job.prompt))
+            record.cached_tokens.append(job.cached_tokens)
+            record.ttft.append(job.first_token - job.arrival)
+            record.output_tokens += len(job.output)
+            record.last_finish = max(record.last_finish, job.finished)
+        scheduler.finished.clear()
+        record.rejected += len(scheduler.rejected)
+        scheduler.rejected.clear()
+
+    def plan(number: int) -> None:
+        nonlocal order
+        scheduler = schedulers[number]
+        if not scheduler.idle or not scheduler.has_work():
+            return
+        try:
+            step = scheduler.begin_step(fleet.now)
+        except PoolExhaustedError:  # the admission estimate fell short: counted, never fatal
+            log.warning("pod %s: a request did not fit the block pool", fleet.pods[number])
+            step = None
+        if step is not None:
+            order += 1
+            heapq.heappush(heap, (step.ends, _STEP, order, number))
+            step_generation[order] = generation[number]
+        collect(scheduler)
+
+    while heap:
+        at, kind, item_order, item = heapq.heappop(heap)
+        fleet.now = max(fleet.now, at)
+        if kind == _STEP:
+            if step_generation.pop(item_order, -1) != generation[item]:
+                continue  # planned before the pod restarted
+            scheduler = schedulers[item]
+            scheduler.end_step()
+            collect(scheduler)
+            plan(item)
+        elif kind == _FAULT:
+            action = faults[item]
+            fleet.apply_fault(action, record)
+            if action.kind == "restart":
+                for number in range(len(schedulers)) if action.pod is None else [action.pod]:
+                    generation[number] += 1
+        else:
+            request = requests[item]
+            number = _route(fleet, policy, request, record)
+            record.first_arrival = min(record.first_arrival, request.arrival)
+            job = Job(request.request_id, request.prompt, request.output, request.arrival)
+            schedulers[number].submit(job)
+            plan(number)
+            if progress is not None:
+                progress(1)
+    record.sync_timeouts = fleet.sync_timeouts
+    record.ingest = fleet.ingest_statistics()
+    record.publishers = fleet.publisher_statistics()
+    record.wall_seconds = time.perf_counter() - started
+    return record
+
+
+def _route(fleet: Fleet, policy: Policy, request: SimRequest, record: RunRecord) -> int:
+    """Decide one request's pod and record how well kvcache knew that pod's cache."""
+    fleet.sync()
+    keys = fleet.indexer.block_keys(request.prompt)
+    loads = fleet.loads()
+    record.load_samples.append([load.waiting + load.running for load in loads])
+    record.kv_samples.append(sum(load.kv_usage for load in loads) / len(loads))
+    pod = policy.choose(RouteContext(fleet.now, request, keys, loads))
+    number = fleet.pods.index(pod)
+    predicted = fleet.predicted_tokens(keys, len(request.prompt), pod)
+    truth = fleet.engines[number].cached_tokens(request.prompt)
+    record.decisions.append(Decision(fleet.now, pod, predicted, truth))
+    return number
+
+
+__all__ = [
+    "FaultAction",
+    "Fleet",
+    "FleetSpec",
+    "build_policy",
+    "cost_model",
+    "pod_name",
+    "simulate",
+]

@@ -1,0 +1,315 @@
+"""The timing model of one simulated vLLM pod: continuous batching with chunked prefill.
+
+An engine step runs every request in the batch once: each decoding request produces one token
+and prefilling requests advance by a share of the step's token budget (vLLM's chunked prefill,
+``max_num_batched_tokens``). A step lasts::
+
+    step_overhead + kv_read_per_token * context tokens of the batch
+                  + prefill_per_token * prompt tokens prefilled in this step
+
+so a long uncached prompt stretches every step it is part of (the decoders wait for it), and a
+cache hit shortens both the request's own prefill and its neighbours' steps. Requests queue
+FIFO and are admitted at a step boundary while the batch has room (``max_running``) and the
+engine's block pool can hold the prompt and its output; the prefix cache is looked up at
+admission, as vLLM's scheduler does. Calibration of the constants: docs/simulator.md.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Annotated, Protocol
+
+import msgspec
+
+from kvcache.sim.engine import PoolExhaustedError
+
+PositiveFloat = Annotated[float, msgspec.Meta(gt=0.0)]
+NonNegativeFloat = Annotated[float, msgspec.Meta(ge=0.0)]
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+
+
+class TimingModel(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Seconds per unit of engine work: an 8B-class model in bf16 on one H100-class GPU.
+
+    Order-of-magnitude figures from vLLM's public serving benchmarks and the hardware's roofline
+    (docs/simulator.md); replace them with values measured on your own fleet.
+    """
+
+    prefill_per_token: NonNegativeFloat = 6.25e-5
+    """Seconds to prefill one uncached prompt token: 1 / prefill throughput (16,000 tokens/s,
+    compute bound: ~16 GFLOP per token of an 8B model at ~30% of an H100's bf16 peak)."""
+    step_overhead: NonNegativeFloat = 0.006
+    """Fixed seconds per engine step: reading the weights once (16 GB at ~3.3 TB/s ~ 5 ms)
+    plus scheduling; vLLM's inter-token latency of an 8B model at batch 1 is ~6-8 ms."""
+    kv_read_per_token: NonNegativeFloat = 4e-8
+    """Seconds per step per token of context in the batch: attention reads each token's KV
+    (128 KiB for Llama-3-8B in bf16) once per step at ~3.3 TB/s."""
+    max_running: PositiveInt = 256
+    """Requests in the running batch at most (vLLM's ``max_num_seqs``)."""
+    max_batched_tokens: PositiveInt = 8192
+    """Tokens one step processes at most, decodes first (vLLM's ``max_num_batched_tokens``)."""
+
+    def __post_init__(self) -> None:
+        # msgspec checks constraints only when decoding; direct construction is checked here.
+        for name in ("prefill_per_token", "step_overhead", "kv_read_per_token"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"timing.{name} must be a finite number >= 0, got {value!r}")
+        if self.step_overhead == 0 and self.prefill_per_token == 0:
+            raise ValueError("timing: step_overhead and prefill_per_token cannot both be 0")
+        for name in ("max_running", "max_batched_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"timing.{name} must be an integer >= 1, got {value!r}")
+
+    def step_seconds(self, context_tokens: int, prefill_tokens: int) -> float:
+        """Duration of one step over this much context, prefilling this many tokens."""
+        return (
+            self.step_overhead
+            + self.kv_read_per_token * context_tokens
+            + self.prefill_per_token * prefill_tokens
+        )
+
+
+def parse_timing(pairs: Sequence[str], base: TimingModel | None = None) -> TimingModel:
+    """``["prefill_per_token=5e-5", ...]`` applied over ``base`` (ValueError names the bad one)."""
+    fields = msgspec.structs.asdict(base or TimingModel())
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        name = name.strip()
+        if not sep or name not in fields:
+            known = ", ".join(fields)
+            raise ValueError(f"--timing {pair!r}: expected NAME=VALUE with NAME one of {known}")
+        try:
+            value: float = int(text) if isinstance(fields[name], int) else float(text)
+        except ValueError:
+            raise ValueError(f"--timing {pair!r}: {text!r} is not a number") from None
+        fields[name] = value
+    return TimingModel(**fields)
+
+
+class CacheEngine(Protocol):
+    """What the scheduler needs of a pod's prefix cache (`kvcache.sim.engine.SimEngine`)."""
+
+    @property
+    def block_size(self) -> int: ...
+    @property
+    def capacity_blocks(self) -> int: ...
+    @property
+    def used_blocks(self) -> int: ...
+    @property
+    def free_blocks(self) -> int: ...
+    def blocks_needed(self, tokens: Sequence[int]) -> int: ...
+    def start(self, request_id: str, tokens: Sequence[int]) -> int: ...
+    def finish(self, request_id: str, output_tokens: Sequence[int] = ()) -> None: ...
+
+
+@dataclass(slots=True, eq=False)
+class Job:
+    """One request's life on a pod (times are simulated seconds)."""
+
+    request_id: str
+    prompt: Sequence[int]
+    output: Sequence[int]
+    arrival: float
+    admitted: float = math.nan
+    first_token: float = math.nan
+    finished: float = math.nan
+    cached_tokens: int = 0
+    prefill_left: int = 0
+    reserved_blocks: int = 0
+    aborted: bool = False
+
+
+@dataclass(slots=True)
+class StepPlan:
+    """A step in progress: when it ends and what it completes then."""
+
+    ends: float
+    prefilled: list[Job] = field(default_factory=list)
+    """Jobs whose prefill completes in this step: their first token comes at its end."""
+
+
+class PodScheduler:
+    """vLLM's scheduler loop for one pod, driven by a discrete-event loop.
+
+    The loop calls `submit` on arrival, `begin_step` when the pod is idle and has work (or a
+    step just ended), and `end_step` at the planned end time.
+    """
+
+    def __init__(self, engine: CacheEngine, timing: TimingModel) -> None:
+        self.engine = engine
+        self.timing = timing
+        self.waiting: deque[Job] = deque()
+        self.prefilling: list[Job] = []
+        # (finishing step, admission order, job): decoding jobs, earliest finish first.
+        self._decoding: list[tuple[int, int, Job]] = []
+        self._order = 0
+        self._step = 0
+        # Context tokens of the decoding jobs = _context_base + len(_decoding) * _step.
+        self._context_base = 0
+        self._reserved = 0
+        self._blocked_free = -1  # the free-block count when the queue's head last did not fit
+        self.plan: StepPlan | None = None
+        self.finished: list[Job] = []
+        """Jobs completed since the caller last emptied this list."""
+        self.rejected: list[Job] = []
+        """Jobs that can never fit the block pool (prompt + output beyond its capacity)."""
+        self.busy_seconds = 0.0
+
+    # -- load as a router sees it --------------------------------------------------------------
+
+    @property
+    def running(self) -> int:
+        """Requests in the batch (vLLM's ``num_requests_running``)."""
+        return len(self.prefilling) + len(self._decoding)
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for admission (vLLM's ``num_requests_waiting``)."""
+        return len(self.waiting)
+
+    @property
+    def kv_usage(self) -> float:
+        """Fraction of blocks held by running requests (cached free blocks count as free)."""
+        capacity = self.engine.capacity_blocks
+        return min(1.0, self.engine.used_blocks / capacity) if capacity else 0.0
+
+    @property
+    def idle(self) -> bool:
+        """No step in progress."""
+        return self.plan is None
+
+    def has_work(self) -> bool:
+        """Anything to run or admit."""
+        return bool(self.waiting or self.prefilling or self._decoding)
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def submit(self, job: Job) -> None:
+        """Queue a request (admitted at the next step boundary)."""
+        self.waiting.append(job)
+
+    def begin_step(self, now: float) -> StepPlan | None:
+        """Admit what fits, plan the next step; None when there is nothing to run."""
+        self._admit(now)
+        if not self.prefilling and not self._decoding:
+            return None
+        budget = self.timing.max_batched_tokens - len(self._decoding)
+        prefilled: list[Job] = []
+        prefill_tokens = 0
+        context = self._context_base + len(self._decoding) * self._step
+        for job in self.prefilling:
+            done = len(job.prompt) - job.prefill_left
+            context += done
+            if budget <= 0:
+                continue
+            take = min(job.prefill_left, budget)
+            budget -= take
+            prefill_tokens += take
+            job.prefill_left -= take
+            if job.prefill_left == 0:
+                prefilled.append(job)
+        seconds = self.timing.step_seconds(context, prefill_tokens)
+        self.busy_seconds += seconds
+        self.plan = StepPlan(now + seconds, prefilled)
+        return self.plan
+
+    def end_step(self) -> float:
+        """Complete the planned step: first tokens, finished requests; returns its end time."""
+        plan = self.plan
+        assert plan is not None, "end_step without a step in progress"
+        self.plan = None
+        now = plan.ends
+        self._step += 1
+        if plan.prefilled:
+            done = set(map(id, plan.prefilled))
+            self.prefilling = [job for job in self.prefilling if id(job) not in done]
+        for job in plan.prefilled:
+            job.first_token = now
+            # The prefill step produced the first output token; each later step one more.
+            remaining = max(0, len(job.output) - 1)
+            if remaining == 0:
+                self._finish(job, now)
+                continue
+            self._order += 1
+            heapq.heappush(self._decoding, (self._step + remaining, self._order, job))
+            # Its context at step s is prompt + tokens generated: len(prompt) + 1 + (s - _step).
+            self._context_base += len(job.prompt) + 1 - self._step
+        while self._decoding and self._decoding[0][0] <= self._step:
+            _, _, job = heapq.heappop(self._decoding)
+            self._context_base -= len(job.prompt) + 1 - (self._step - (len(job.output) - 1))
+            self._finish(job, now)
+        return now
+
+    def abort_all(self, now: float) -> list[Job]:
+        """The pod's process died: every admitted or queued request is lost (returned)."""
+        lost = [*self.prefilling, *(job for _, _, job in self._decoding), *self.waiting]
+        for job in lost:
+            job.aborted = True
+            job.finished = now
+        self.waiting.clear()
+        self.prefilling.clear()
+        self._decoding.clear()
+        self._context_base = 0
+        self._reserved = 0
+        self._blocked_free = -1
+        self.plan = None
+        return lost
+
+    # -- internals --------------------------------------------------------------------------------
+
+    def _blocks(self, tokens: int) -> int:
+        return -(-tokens // self.engine.block_size)
+
+    def _admit(self, now: float) -> None:
+        limit = self.timing.max_running
+        while self.waiting and self.running < limit:
+            job = self.waiting[0]
+            prompt_blocks = self._blocks(len(job.prompt))
+            # Blocks the decode will take later, held back now so a running request never
+            # runs out (vLLM would preempt; admitting only what fits keeps the model simple).
+            decode_blocks = self._blocks(len(job.prompt) + len(job.output)) - prompt_blocks + 1
+            if prompt_blocks + decode_blocks > self.engine.capacity_blocks:
+                self.waiting.popleft()
+                job.aborted = True
+                job.finished = now
+                self.rejected.append(job)
+                self._blocked_free = -1  # a new head
+                continue
+            free = self.engine.free_blocks - self._reserved - decode_blocks
+            if free < prompt_blocks and not self._fits(job, free):
+                break  # FIFO: the head waits for blocks, the rest wait behind it
+            try:
+                cached = self.engine.start(job.request_id, job.prompt)
+            except PoolExhaustedError:
+                self._blocked_free = self.engine.free_blocks
+                break
+            self.waiting.popleft()
+            job.admitted = now
+            job.cached_tokens = cached
+            job.prefill_left = len(job.prompt) - cached
+            job.reserved_blocks = decode_blocks
+            self._reserved += decode_blocks
+            self.prefilling.append(job)
+
+    def _fits(self, job: Job, free: int) -> bool:
+        """Whether the prompt's new blocks (its prefix hits need none) fit in ``free``."""
+        # Asking the engine hashes the prompt: skip it while the pool has not changed since
+        # the head last failed to fit.
+        if self.engine.free_blocks == self._blocked_free:
+            return False
+        if self.engine.blocks_needed(job.prompt) <= free:
+            return True
+        self._blocked_free = self.engine.free_blocks
+        return False
+
+    def _finish(self, job: Job, now: float) -> None:
+        job.finished = now
+        self._reserved -= job.reserved_blocks
+        self.engine.finish(job.request_id, job.output)
+        self.finished.append(job)

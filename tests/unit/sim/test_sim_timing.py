@@ -1,0 +1,157 @@
+"""The pod timing model: step durations, chunked prefill, admission, prefix hits, rejection."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import pytest
+
+from kvcache.hashing import make_scheme
+from kvcache.sim.engine import SimEngine
+from kvcache.sim.timing import Job, PodScheduler, TimingModel, parse_timing
+from kvcache.sim.wire import ListSink
+
+BS = 16
+
+
+def engine(num_blocks: int = 512) -> SimEngine:
+    return SimEngine(
+        "pod", block_size=BS, num_blocks=num_blocks, scheme=make_scheme("sha256"), sink=ListSink()
+    )
+
+
+def run(scheduler: PodScheduler, now: float = 0.0) -> float:
+    """Step the pod until it is idle; returns the time it got there."""
+    while scheduler.has_work():
+        plan = scheduler.begin_step(now)
+        if plan is None:
+            break
+        now = scheduler.end_step()
+    return now
+
+
+def job(name: str, prompt: Sequence[int], output: int, arrival: float = 0.0) -> Job:
+    return Job(name, list(prompt), list(range(7, 7 + output)), arrival)
+
+
+def test_one_request_timeline_follows_the_step_formula() -> None:
+    timing = TimingModel(
+        prefill_per_token=1e-4, step_overhead=0.01, kv_read_per_token=1e-6, max_running=8
+    )
+    scheduler = PodScheduler(engine(), timing)
+    prompt = list(range(1000, 1100))  # 100 tokens, nothing cached
+    request = job("a", prompt, output=4)
+    scheduler.submit(request)
+    end = run(scheduler)
+    # Step 1 prefills all 100 tokens (no context yet) and yields the first token.
+    first = 0.01 + 100 * 1e-4
+    assert request.first_token == pytest.approx(first)
+    # Three decode steps follow, over a context of 101, 102 and 103 tokens.
+    decode = sum(0.01 + (100 + k) * 1e-6 for k in (1, 2, 3))
+    assert request.finished == pytest.approx(first + decode)
+    assert end == pytest.approx(first + decode)
+    assert request.cached_tokens == 0
+    assert scheduler.finished == [request]
+
+
+def test_a_repeated_prompt_hits_the_cache_and_prefills_only_the_rest() -> None:
+    timing = TimingModel(prefill_per_token=1e-3, step_overhead=0.0, kv_read_per_token=0.0)
+    scheduler = PodScheduler(engine(), timing)
+    prompt = list(range(5000, 5000 + 4 * BS))  # exactly 4 blocks
+    first = job("a", prompt, output=1)
+    scheduler.submit(first)
+    done = run(scheduler)
+    second = job("b", prompt, output=1, arrival=done)
+    scheduler.submit(second)
+    run(scheduler, done)
+    # vLLM recomputes the last prompt token, so the last full block never counts as a hit.
+    assert second.cached_tokens == 3 * BS
+    assert second.first_token - done == pytest.approx(BS * 1e-3)
+    assert first.first_token == pytest.approx(4 * BS * 1e-3)
+
+
+def test_chunked_prefill_spreads_a_long_prompt_over_budgeted_steps() -> None:
+    timing = TimingModel(
+        prefill_per_token=1e-4, step_overhead=0.01, kv_read_per_token=0.0, max_batched_tokens=64
+    )
+    scheduler = PodScheduler(engine(), timing)
+    request = job("a", list(range(200, 400)), output=1)  # 200 tokens: 64 + 64 + 64 + 8
+    scheduler.submit(request)
+    run(scheduler)
+    assert request.first_token == pytest.approx(4 * 0.01 + 200 * 1e-4)
+
+
+def test_max_running_makes_the_second_request_wait_fifo() -> None:
+    timing = TimingModel(
+        prefill_per_token=0.0, step_overhead=0.01, kv_read_per_token=0.0, max_running=1
+    )
+    scheduler = PodScheduler(engine(), timing)
+    a = job("a", list(range(100, 120)), output=3)
+    b = job("b", list(range(300, 320)), output=3)
+    scheduler.submit(a)
+    scheduler.submit(b)
+    assert scheduler.queued == 2
+    scheduler.begin_step(0.0)
+    assert (scheduler.running, scheduler.queued) == (1, 1)
+    run_end = run_rest(scheduler)
+    assert a.finished == pytest.approx(0.03)
+    assert b.admitted == pytest.approx(0.03)  # admitted at the step boundary after a finished
+    assert b.first_token == pytest.approx(0.04)
+    assert run_end == pytest.approx(0.06)
+
+
+def run_rest(scheduler: PodScheduler) -> float:
+    now = scheduler.end_step()
+    return run(scheduler, now)
+
+
+def test_a_request_larger_than_the_pool_is_rejected_not_fatal() -> None:
+    scheduler = PodScheduler(engine(num_blocks=5), TimingModel())  # 4 usable blocks
+    big = job("big", list(range(100, 100 + 10 * BS)), output=4)
+    small = job("small", list(range(900, 910)), output=2)
+    scheduler.submit(big)
+    scheduler.submit(small)
+    run(scheduler)
+    assert scheduler.rejected == [big] and big.aborted
+    assert small in scheduler.finished and not math.isnan(small.first_token)
+
+
+def test_block_pressure_keeps_the_head_waiting_until_blocks_free() -> None:
+    timing = TimingModel(prefill_per_token=0.0, step_overhead=0.01, kv_read_per_token=0.0)
+    scheduler = PodScheduler(engine(num_blocks=9), timing)  # 8 usable blocks
+    a = job("a", list(range(100, 100 + 3 * BS)), output=BS)  # 3 prompt + 2 decode blocks
+    b = job("b", list(range(500, 500 + 3 * BS)), output=BS)
+    scheduler.submit(a)
+    scheduler.submit(b)
+    scheduler.begin_step(0.0)
+    assert (scheduler.running, scheduler.queued) == (1, 1)
+    run_rest(scheduler)
+    assert b.admitted >= a.finished
+    assert scheduler.engine.used_blocks == 0
+
+
+def test_kv_usage_and_abort_all() -> None:
+    scheduler = PodScheduler(engine(num_blocks=11), TimingModel())
+    scheduler.submit(job("a", list(range(100, 100 + 2 * BS)), output=5))
+    scheduler.submit(job("b", list(range(700, 700 + 2 * BS)), output=5))
+    scheduler.begin_step(0.0)
+    assert scheduler.kv_usage == pytest.approx(4 / 10)
+    lost = scheduler.abort_all(1.0)
+    assert sorted(j.request_id for j in lost) == ["a", "b"]
+    assert all(j.aborted for j in lost)
+    assert not scheduler.has_work() and scheduler.idle
+
+
+def test_parse_timing_overrides_and_errors() -> None:
+    timing = parse_timing(["prefill_per_token=5e-5", "max_running=32"])
+    assert timing.prefill_per_token == 5e-5 and timing.max_running == 32
+    assert timing.step_overhead == TimingModel().step_overhead
+    with pytest.raises(ValueError, match="NAME one of"):
+        parse_timing(["nope=1"])
+    with pytest.raises(ValueError, match="not a number"):
+        parse_timing(["step_overhead=fast"])
+    with pytest.raises(ValueError, match="max_running"):
+        parse_timing(["max_running=0"])
+    with pytest.raises(ValueError, match="step_overhead"):
+        TimingModel(step_overhead=-1.0)
