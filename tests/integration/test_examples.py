@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +15,7 @@ from typing import Any
 
 import pytest
 import zmq
+from serve_process import serve
 
 from kvcache import normalize_scores
 from kvcache.hashing import VllmScheme
@@ -89,13 +88,6 @@ def test_offline_events_scores_match_the_blocks_published() -> None:
     assert json.loads(out["normalized"]) == {"10.0.0.7:8000": 1.0, "10.0.0.8:8000": 0.0}
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 def _get(port: int, path: str) -> Any:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
         return json.load(response)
@@ -104,42 +96,8 @@ def _get(port: int, path: str) -> Any:
 @pytest.fixture(scope="module")
 def service() -> Iterator[tuple[int, int]]:
     """`kvcache serve` (sha256_cbor, seed 42) as a process: (http port, zmq port)."""
-    http_port, zmq_port = _free_port(), _free_port()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys; from kvcache.service.cli import main; sys.exit(main())",
-            "serve",
-            "--http-port",
-            str(http_port),
-            "--zmq-endpoint",
-            f"tcp://127.0.0.1:{zmq_port}",
-            "--hash-scheme",
-            "sha256_cbor",
-            "--hash-seed",
-            "42",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                _get(http_port, "/healthz")
-                break
-            except OSError:
-                if time.monotonic() > deadline or process.poll() is not None:
-                    process.kill()
-                    raise AssertionError(f"did not start: {process.communicate()[0]}") from None
-                time.sleep(0.1)
-        yield http_port, zmq_port
-    finally:
-        process.kill()
-        process.wait()
+    with serve(["--hash-scheme", "sha256_cbor", "--hash-seed", "42"]) as running:
+        yield running.http_port, running.zmq_port
 
 
 PROMPT = list(range(500, 500 + 8 * 16))  # 8 blocks of 16 tokens

@@ -3,89 +3,30 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import zmq
+from serve_process import ServeProcess, serve
 
 CAPTURE = Path(__file__).resolve().parents[1] / "data" / "captures"
 PICKLE = CAPTURE / "vllm-0.32-sha256-pickle-default"
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-class Service:
-    def __init__(self, http_port: int, zmq_port: int, process: subprocess.Popen[str]) -> None:
-        self.http_port = http_port
-        self.zmq_port = zmq_port
-        self.process = process
-
-    def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
-        req = urllib.request.Request(
-            f"http://127.0.0.1:{self.http_port}{path}", data=body, method=method
-        )
-        try:
-            with urllib.request.urlopen(req, timeout=10) as response:
-                return response.status, response.read()
-        except urllib.error.HTTPError as error:
-            return error.code, error.read()
-
-    def score(self, payload: dict[str, Any]) -> tuple[int, Any]:
-        status, body = self.request("POST", "/score_tokens", json.dumps(payload).encode())
-        return status, json.loads(body)
+def _score(service: ServeProcess, payload: dict[str, Any]) -> tuple[int, Any]:
+    status, _, body = service.request("POST", "/score_tokens", json.dumps(payload).encode())
+    return status, json.loads(body)
 
 
 @pytest.fixture(scope="module")
-def service() -> Iterator[Service]:
-    http_port, zmq_port = _free_port(), _free_port()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys; from kvcache.service.cli import main; sys.exit(main())",
-            "serve",
-            "--http-port",
-            str(http_port),
-            "--zmq-endpoint",
-            f"tcp://127.0.0.1:{zmq_port}",
-            "--block-size",
-            "32",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    running = Service(http_port, zmq_port, process)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if running.request("GET", "/healthz")[0] == 200:
-                break
-        except OSError:
-            time.sleep(0.1)
-    else:
-        process.kill()
-        raise AssertionError(f"service did not start: {process.communicate()[0]}")
-    yield running
-    if process.poll() is None:
-        process.kill()
-        process.wait()
+def service() -> Iterator[ServeProcess]:
+    with serve(["--block-size", "32"]) as running:
+        yield running
 
 
 def _publish_capture(port: int) -> int:
@@ -101,24 +42,24 @@ def _publish_capture(port: int) -> int:
     return len(frames)
 
 
-def test_service_scores_what_a_real_engine_published(service: Service) -> None:
+def test_service_scores_what_a_real_engine_published(service: ServeProcess) -> None:
     sent = _publish_capture(service.zmq_port)
     requests = [json.loads(line) for line in (PICKLE / "requests.jsonl").read_text().splitlines()]
     # The last request of the capture (after the reset, a repeat) left 6 full blocks cached.
     prompt = requests[-1]["prompt_token_ids"] + requests[-1]["output_token_ids"]
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:  # ingest is asynchronous: wait for the last batch
-        text = service.request("GET", "/metrics")[1].decode()
+        text = service.request("GET", "/metrics")[2].decode()
         received = f"kvcache_events_messages_received_total {float(sent)}" in text
         if received and "kvcache_queue_depth 0.0" in text:
             break
         time.sleep(0.1)
-    status, body = service.score({"token_ids": prompt, "model": "tiny-llama"})
+    status, body = _score(service, {"token_ids": prompt, "model": "tiny-llama"})
     assert status == 200
     assert body["scores"] == {"pod-a": 6.0}
-    status, body = service.score({"token_ids": prompt, "pods": ["other"]})
+    status, body = _score(service, {"token_ids": prompt, "pods": ["other"]})
     assert body["scores"] == {}
-    status, metrics = service.request("GET", "/metrics")
+    status, _, metrics = service.request("GET", "/metrics")
     text = metrics.decode()
     assert status == 200
     assert f"kvcache_events_messages_received_total {float(sent)}" in text
@@ -140,14 +81,14 @@ def test_service_scores_what_a_real_engine_published(service: Service) -> None:
     ],
 )
 def test_bad_requests_get_clear_4xx(  # noqa: PLR0917 - pytest parameters
-    service: Service, method: str, path: str, body: bytes | None, status: int, message: str
+    service: ServeProcess, method: str, path: str, body: bytes | None, status: int, message: str
 ) -> None:
-    got, payload = service.request(method, path, body)
+    got, _, payload = service.request(method, path, body)
     assert got == status
     assert message in json.loads(payload)["error"]
 
 
-def test_oversized_body_is_413(service: Service) -> None:
+def test_oversized_body_is_413(service: ServeProcess) -> None:
     # Announce a body over the 16 MiB limit; the server answers before reading it.
     with socket.create_connection(("127.0.0.1", service.http_port), timeout=10) as conn:
         conn.sendall(
@@ -164,7 +105,7 @@ def test_oversized_body_is_413(service: Service) -> None:
     assert b"body larger than" in reply
 
 
-def test_sigterm_stops_cleanly(service: Service) -> None:
+def test_sigterm_stops_cleanly(service: ServeProcess) -> None:
     service.process.send_signal(signal.SIGTERM)
     output, _ = service.process.communicate(timeout=30)
     assert service.process.returncode == 0, output

@@ -31,6 +31,7 @@ from kvcache.events import (
     decode_payload,
     decode_replay_frames,
 )
+from kvcache.testing.events import merge_removals
 
 EVENTS_JSON = Path(__file__).resolve().parents[1] / "data" / "events.json"
 U64 = (1 << 64) - 1
@@ -265,32 +266,6 @@ def valid_event(draw: st.DrawFn) -> tuple[Any, Event]:
     if as_map:
         return {"type": tag, **dict(zip(names, wire_fields, strict=True))}, model
     return [tag, *wire_fields], model
-
-
-def merge_removals(events: list[Event]) -> tuple[list[Event], int]:
-    """Consecutive removals of equal (medium, group, locality, ownership) as one event, and how
-    many were folded: the fast path's documented merge, written apart from the decoder."""
-    out: list[Event] = []
-    folded = 0
-    for event in events:
-        last = out[-1] if out else None
-        if (
-            isinstance(event, BlockRemoved)
-            and isinstance(last, BlockRemoved)
-            and (event.medium, event.group_idx, event.locality, event.ownership)
-            == (last.medium, last.group_idx, last.locality, last.ownership)
-        ):
-            out[-1] = BlockRemoved(
-                last.block_hashes + event.block_hashes,
-                last.medium,
-                last.group_idx,
-                last.locality,
-                last.ownership,
-            )
-            folded += 1
-        else:
-            out.append(event)
-    return out, folded
 
 
 @FUZZ

@@ -26,6 +26,7 @@ from kvcache.events import (
 )
 from kvcache.events import decode as decode_module
 from kvcache.events._fastdecode import scan
+from kvcache.testing.events import merge_removals
 
 U64 = (1 << 64) - 1
 SETTINGS = settings(deadline=None, max_examples=300, suppress_health_check=[HealthCheck.too_slow])
@@ -47,28 +48,6 @@ def decode_both(payload: bytes) -> tuple[EventBatch | FrameRejection, EventBatch
     with fast_path(False):
         slow = decode_payload(payload)
     return fast, slow
-
-
-def merge_removals(events: list[Event]) -> tuple[list[Event], int]:
-    """The expected merge, written apart from the decoder: consecutive BlockRemoved events of
-    equal (medium, group_idx, locality, ownership) become one with their hashes in order."""
-    out: list[Event] = []
-    folded = 0
-    for event in events:
-        if isinstance(event, BlockRemoved) and out:
-            last = out[-1]
-            key = (event.medium, event.group_idx, event.locality, event.ownership)
-            if isinstance(last, BlockRemoved) and key == (
-                last.medium,
-                last.group_idx,
-                last.locality,
-                last.ownership,
-            ):
-                out[-1] = BlockRemoved([*last.block_hashes, *event.block_hashes], *key)
-                folded += 1
-                continue
-        out.append(event)
-    return out, folded
 
 
 # --- generated valid batches -----------------------------------------------------------------

@@ -190,8 +190,9 @@ class IngestPods:
 
     def pods(self) -> list[dict[str, Any]]:
         """Every pod ingest knows (as `PodInfo` fields)."""
-        counts = self._counts()
-        return [_pod_info(pod, state, counts) for pod, state in self.pipeline.pod_states().items()]
+        states = self.pipeline.pod_states()
+        counts = self._counts()  # after the states: never older than the sequence they show
+        return [_pod_info(pod, state, counts) for pod, state in states.items()]
 
     def pod(self, pod: str) -> dict[str, Any] | None:
         """One pod, or None."""

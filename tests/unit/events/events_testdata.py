@@ -136,29 +136,3 @@ def generic_events(payload: bytes) -> tuple[float, list[Event], int | None]:
     rank = batch[2] if len(batch) > 2 else None
     events = [expected_event(raw, [], []) for raw in raw_events]
     return ts, events, rank
-
-
-def merge_removals(events: list[Event]) -> tuple[list[Event], int]:
-    """Consecutive removals of equal (medium, group, locality, ownership) as one, and how many
-    events were folded (written apart from the decoder, for the expected side)."""
-    out: list[Event] = []
-    folded = 0
-    for event in events:
-        last = out[-1] if out else None
-        if (
-            isinstance(event, BlockRemoved)
-            and isinstance(last, BlockRemoved)
-            and (event.medium, event.group_idx, event.locality, event.ownership)
-            == (last.medium, last.group_idx, last.locality, last.ownership)
-        ):
-            out[-1] = BlockRemoved(
-                last.block_hashes + event.block_hashes,
-                last.medium,
-                last.group_idx,
-                last.locality,
-                last.ownership,
-            )
-            folded += 1
-        else:
-            out.append(event)
-    return out, folded

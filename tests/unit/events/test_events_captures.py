@@ -12,7 +12,6 @@ from events_testdata import (
     CapturedMessage,
     generic_events,
     load_capture,
-    merge_removals,
 )
 
 from kvcache.events import (
@@ -26,6 +25,7 @@ from kvcache.events import (
     decode_replay_frames,
 )
 from kvcache.events.decode import set_fast_path
+from kvcache.testing.events import merge_removals
 
 
 def _decode_all(messages: list[CapturedMessage]) -> list[Message]:

@@ -14,7 +14,6 @@ from events_testdata import (
     PICKLE_CAPTURE,
     SERVE_CAPTURE,
     load_capture,
-    merge_removals,
     vector_examples,
 )
 
@@ -33,6 +32,7 @@ from kvcache.events._fastdecode import scan
 from kvcache.events.apply import EventApplier
 from kvcache.hashing import VllmScheme
 from kvcache.index.memory import MemoryIndex
+from kvcache.testing.events import merge_removals
 
 ENCODE = msgspec.msgpack.encode
 TS = b"\xcb" + struct.pack(">d", 1.5)
