@@ -1,17 +1,22 @@
-"""`make bench`: run every section, write bench/results/latest.json and print a table.
+"""`make bench`: run every section, write bench/results/latest.json, print a table and render
+the scorecard (bench/results/scorecard.md, `bench.scorecard`).
 
-python -m bench.run            # full run (several minutes on 2 cores)
-python -m bench.run --quick    # small sizes, to check the harness itself
+python -m bench.run                        # full run (several minutes on 2 cores)
+python -m bench.run --quick                # small sizes, to check the harness (quick.json)
+python -m bench.run --only hashing,redis   # re-run these sections, keep the others' results
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
 import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +25,15 @@ from bench import (
     ingest_bench,
     load_bench,
     redis_bench,
+    scorecard,
     scoring_bench,
     tokenization_bench,
 )
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+# A smaller sweep than `kvcache sim`'s defaults, for --quick only.
+SIM_QUICK_ARGS = ("--requests", "160", "--qps", "20,60")
 
 
 def _probe(*args: str) -> dict[str, Any]:
@@ -34,7 +43,7 @@ def _probe(*args: str) -> dict[str, Any]:
         check=True,
         capture_output=True,
         text=True,
-        cwd=Path(__file__).resolve().parent.parent,
+        cwd=ROOT,
     ).stdout
     result: dict[str, Any] = json.loads(output.strip().splitlines()[-1])
     return result
@@ -65,94 +74,11 @@ def memory(quick: bool) -> dict[str, Any]:
 
 
 def _table(results: dict[str, Any]) -> str:
-    hashing = results["hashing"]
-    scoring = results["scoring"]
-    mem = results["memory"]
+    """The terminal summary; sections missing from ``results`` are left out."""
     rows = [("measure", "value", "vs")]
-    floor = hashing["floor_hashlib_sha256_ms"]
-    rows.append(("hash 8k tokens: hashlib.sha256 floor", f"{floor:.3f} ms", "1.00x"))
-    for name, figure in hashing["schemes"].items():
-        rows.append(
-            (f"hash 8k tokens: {name}", f"{figure['ms']:.3f} ms", f"{figure['x_floor']:.2f}x floor")
-        )
-    rows.append(
-        (
-            "score_tokens 8k (sha256_cbor) p50",
-            f"{scoring['score_tokens_p50_ms']:.3f} ms",
-            "target <= 1 ms",
-        )
-    )
-    rows.append(
-        ("score_tokens 8k (sha256_cbor) p99", f"{scoring['score_tokens_p99_ms']:.3f} ms", "")
-    )
-    rows.append(("lookup+score 512 blocks p50", f"{scoring['lookup_and_score_p50_us']:.1f} us", ""))
-    dynamo = scoring.get("dynamo", {})
-    if "lookup_p50_us" in dynamo:
-        rows.append(
-            (
-                "Dynamo RadixTree find_matches 512 p50",
-                f"{dynamo['lookup_p50_us']:.1f} us",
-                f"kvcache lookup+score takes {1 / scoring['lookup_speedup_vs_dynamo']:.2f}x this",
-            )
-        )
-    for label, key in (
-        ("memory index, 1 pod/block", "kvcache_memory_1pod"),
-        ("memory index, 4 pods/block", "kvcache_memory_4pods"),
-        ("cost-aware index, 1 pod/block", "kvcache_cost_aware_1pod"),
-    ):
-        probe = mem[key]
-        rows.append(
-            (
-                f"bytes/pair, {label} ({probe['pairs']:,} pairs)",
-                f"{probe['bytes_per_pair']:.1f} B",
-                "target <= 64 B",
-            )
-        )
-    if "bytes_per_pair" in mem.get("dynamo_radix_tree", {}):
-        same = mem["kvcache_memory_same_size_as_dynamo"]
-        rows.append(
-            (
-                f"bytes/block, kvcache ({same['pairs']:,} blocks)",
-                f"{same['bytes_per_pair']:.1f} B",
-                "",
-            )
-        )
-        rows.append(
-            (
-                f"bytes/block, Dynamo RadixTree ({mem['dynamo_radix_tree']['pairs']:,} blocks)",
-                f"{mem['dynamo_radix_tree']['bytes_per_pair']:.1f} B",
-                f"kvcache {mem['dynamo_bytes_per_block_over_kvcache']:.2f}x smaller",
-            )
-        )
-    tok = results.get("tokenization")
-    if tok:
-        for size, figure in tok["tokenizer_overhead"].items():
-            rows.append(
-                (
-                    f"tokenize {size}-token completion",
-                    f"{figure['ours_ms']:.3f} ms",
-                    f"{figure['overhead_ratio']:.2f}x raw tokenizers",
-                )
-            )
-        chat = tok["growing_chat"]
-        rows.append(
-            (
-                f"{chat['turns']}-turn growing chat, prefix store",
-                f"{chat['store_total_ms']:.1f} ms",
-                f"{chat['speedup']:.1f}x faster than fresh, identical={chat['identical_tokens']}",
-            )
-        )
-        score_chat = tok["score_chat_8k"]
-        rows.append(
-            (
-                f"score_chat {score_chat['prompt_tokens']}-token chat p50 / p99",
-                f"{score_chat['p50_ms']:.2f} / {score_chat['p99_ms']:.2f} ms",
-                "",
-            )
-        )
-    rows.extend(_ingest_rows(results.get("ingest")))
-    rows.extend(_load_rows(results.get("load")))
-    rows.extend(_redis_rows(results.get("redis")))
+    for area in scorecard.AREAS:
+        if results.get(area.key):
+            rows.extend(area.rows(results[area.key]))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     lines = [
         "| " + " | ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)) + " |"
@@ -162,172 +88,151 @@ def _table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _ingest_rows(ingest: dict[str, Any] | None) -> list[tuple[str, str, str]]:
-    if not ingest:
-        return []
-    flow = ingest["ingest"]
-    rates = flow["blocks_per_s"]
+def sim(quick: bool) -> dict[str, Any]:
+    """`kvcache sim` with its defaults in a fresh interpreter; its outputs folded in.
 
-    def mops(value: float) -> str:
-        return f"{value / 1e6:.3f} M blocks/s"
+    The plots stay in the output directory (``out``, relative to the repository), where the
+    scorecard copies them from.
+    """
+    out = RESULTS / ("sim-quick" if quick else "sim")
+    command = [sys.executable, "-m", "kvcache.service.cli", "sim", "--out", str(out)]
+    subprocess.run([*command, *(SIM_QUICK_ARGS if quick else ())], check=True, cwd=ROOT)
 
-    def vs(ratio: float | None, suffix: str = "") -> str:
-        return "" if ratio is None else f"{ratio:.2f}x Dynamo{suffix}"
+    def read(name: str) -> Any:
+        return json.loads((out / name).read_text())
 
-    rows = [
-        (
-            "ingest: publisher send rate (own process)",
-            mops(flow["publisher_send_blocks_per_s"]),
-            "",
-        ),
-        ("ingest: bare SUB floor (count only)", mops(rates["bare_sub"]), ""),
-    ]
-    if "dynamo" in rates:
-        rows.append(("ingest: Dynamo indexer --threads 1", mops(rates["dynamo"]), "1.00x"))
-    rows += [
-        (
-            "ingest: kvcache identity, 1 shard (service default)",
-            mops(rates["kvcache_identity"]),
-            vs(flow["identity_vs_dynamo"], " (target >= 1.5x)"),
-        ),
-        (
-            "ingest: kvcache identity, 2 shards",
-            mops(rates["kvcache_identity_2_shards"]),
-            vs(flow["identity_2_shards_vs_dynamo"]),
-        ),
-        (
-            "ingest: kvcache dual-key (seed mismatch)",
-            mops(rates["kvcache_dual"]),
-            vs(flow["dual_vs_dynamo"]),
-        ),
-    ]
-    load = ingest["scoring_under_load"]["service"]
-    rows.append(
-        (
-            "score_tokens 8k p99 during full-rate ingest",
-            f"{load['load_p99_ms']:.2f} ms",
-            f"{load['p99_load_over_idle']:.1f}x idle p99 ({load['idle_p99_ms']:.2f} ms)",
-        )
-    )
-    return rows
+    run = read("run.json")
+    healing = None
+    if (out / "self_healing.json").exists():  # the timeline is in the plot; the summary, in runs
+        demo = read("self_healing.json")
+        healing = {k: v for k, v in demo.items() if k not in ("timeline", "summary")}
+    options = {k: v for k, v in run["options"].items() if k != "out"}
+    return {
+        "out": str(out.relative_to(ROOT)),
+        "options": options,
+        "wall_seconds": run["wall_seconds"],
+        "runs": read("results.json"),
+        "targets": read("targets.json"),
+        "self_healing": healing,
+    }
 
 
-def _load_rows(load: dict[str, Any] | None) -> list[tuple[str, str, str]]:
-    if not load:
-        return []
-    cond = load["conditions"]
-    rate = load["workload"]["paced_blocks_per_s"] / 1e3
-
-    def ms(name: str) -> str:
-        return f"{cond[name]['p50_ms']:.2f} / {cond[name]['p99_ms']:.2f} ms"
-
-    def x(value: float | None) -> str:
-        return "n/a" if value is None else f"{value:.2f}x"
-
-    sent = sum(c["requests"] for name, c in cond.items() if not name.startswith("in_process"))
-    errors = f"{load['errors']} errors / {sent:,} HTTP requests"
-    rows = [
-        (
-            f"HTTP /score_tokens 8k p50 / p99, {rate:.0f}k blocks/s ingest",
-            ms("kvcache_c1"),
-            f"{x(load['http_p50_over_in_process'])} in-process p50 "
-            f"({cond['in_process']['p50_ms']:.2f} ms; target <= 2x)",
-        ),
-        (
-            "HTTP /score_tokens 8k p50 / p99, no ingest",
-            ms("kvcache_c1_idle"),
-            f"{x(load['idle_http_p50_over_in_process'])} in-process p50 "
-            f"({cond['in_process_idle']['p50_ms']:.2f} ms)",
-        ),
-        (
-            "HTTP /score_tokens 8k throughput, 4 connections, ingest",
-            f"{cond['kvcache_c4']['throughput_rps']:.0f} req/s",
-            errors,
-        ),
-    ]
-    if "dynamo_c1" in cond:
-        rows += [
-            (
-                "Dynamo /query 8k p50 / p99, same ingest",
-                ms("dynamo_c1"),
-                f"kvcache HTTP p50 takes {x(load['kvcache_p50_over_dynamo'])} this",
-            ),
-            (
-                "Dynamo /query 8k throughput, 4 connections",
-                f"{cond['dynamo_c4']['throughput_rps']:.0f} req/s",
-                f"kvcache {x(load['kvcache_throughput_over_dynamo'])} this",
-            ),
-        ]
-    return rows
+def _cpu_model() -> str | None:
+    """The first ``model name`` of /proc/cpuinfo (None where there is none, e.g. not Linux)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+            return value.strip()
+    return None
 
 
-def _redis_rows(redis: dict[str, Any] | None) -> list[tuple[str, str, str]]:
-    if not redis:
-        return []
-    floor = redis["floor"]["pipelined_512_get_us"]
-    lookup = redis["lookup_512_keys_64_pods"]
-    ingest = redis["ingest"]
-    memory = redis["memory"]
-    rows = [
-        ("Valkey floor: 512 pipelined GETs, one round trip", f"{floor:.0f} us", "1.00x"),
-        (
-            "Valkey lookup 512-key prefix, 64 pods (p50)",
-            f"{lookup['lookup_runs_median_us']:.0f} us",
-            f"{redis['lookup_vs_floor']:.2f}x floor (target <= 2x)",
-        ),
-        (
-            "Valkey ingest, identity, 64 / 512 blocks per add",
-            f"{ingest['ingest_batch64_blocks_per_s'] / 1e3:.0f}k / "
-            f"{ingest['ingest_batch512_blocks_per_s'] / 1e3:.0f}k blocks/s",
-            "target >= 200k",
-        ),
-        (
-            "Valkey server memory per block (1 entry)",
-            f"{memory['bytes_per_block_one_entry']:.0f} B",
-            f"+{memory['bytes_per_extra_entry']:.0f} B per extra entry",
-        ),
-    ]
-    cluster = redis.get("cluster_lookup_512_keys_64_pods")
-    if cluster:
-        rows.append(
-            (
-                "Valkey 3-node cluster lookup 512-key prefix (p50)",
-                f"{cluster['lookup_runs_median_us']:.0f} us",
-                f"{cluster['lookup_runs_median_us'] / floor:.2f}x standalone floor",
-            )
-        )
-    return rows
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on; the load average says how shared the machine was."""
+    return {
+        "python": platform.python_version(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_model": _cpu_model(),
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "date": _now(),
+        "loadavg_at_start": _loadavg(),
+    }
+
+
+SECTIONS: dict[str, Callable[[bool], dict[str, Any]]] = {
+    "hashing": lambda quick: hashing_bench.run(repeats=20 if quick else 200),
+    "scoring": lambda quick: scoring_bench.run(
+        repeats=50 if quick else 500,
+        filler_blocks=50_000 if quick else scoring_bench.FILLER_BLOCKS,
+    ),
+    "memory": memory,
+    "tokenization": lambda quick: tokenization_bench.run(quick=quick),
+    "ingest": lambda quick: ingest_bench.run(quick=quick),
+    "load": lambda quick: load_bench.run(quick=quick),
+    "redis": lambda quick: redis_bench.run(None, cluster=not quick, quick=quick),
+    "sim": sim,
+}
+
+
+def parse_only(text: str) -> list[str]:
+    """``"hashing,redis"`` -> section names in run order (ValueError names unknown ones)."""
+    names = {part.strip() for part in text.split(",") if part.strip()}
+    unknown = sorted(names - SECTIONS.keys())
+    if unknown or not names:
+        raise ValueError(f"--only: unknown {unknown}; sections are {', '.join(SECTIONS)}")
+    return [name for name in SECTIONS if name in names]
+
+
+def run_sections(
+    names: list[str], quick: bool, previous: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Run ``names`` and merge them over ``previous`` (whose other sections are kept).
+
+    ``section_runs`` records, per section, when it ran, for how long, the load average at its
+    start and whether it was a quick run: after ``--only`` the sections of one file come from
+    different runs, and the scorecard says so.
+    """
+    results: dict[str, Any] = dict(previous or {})
+    runs: dict[str, Any] = dict(results.get("section_runs", {}))
+    results["machine"] = machine()
+    started = time.time()
+    for name in names:
+        at, load, clock = _now(), _loadavg(), time.perf_counter()
+        results[name] = SECTIONS[name](quick)
+        runs[name] = {
+            "started": at,
+            "seconds": round(time.perf_counter() - clock, 1),
+            "loadavg_at_start": load,
+            "quick": quick,
+        }
+    results["section_runs"] = {k: runs[k] for k in SECTIONS if k in runs}
+    results["seconds"] = time.time() - started
+    return results
 
 
 def main() -> None:
-    """Run all sections and report."""
+    """Run the sections, write the JSON, print the table, render the scorecard."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="small sizes (harness check)")
+    parser.add_argument(
+        "--only",
+        default=None,
+        metavar="SECTION[,SECTION]",
+        help=f"re-run these sections and merge them into the existing file ({', '.join(SECTIONS)})",
+    )
     args = parser.parse_args()
-    started = time.time()
-    results: dict[str, Any] = {
-        "machine": {
-            "python": platform.python_version(),
-            "processor": platform.processor() or platform.machine(),
-            "cpus": __import__("os").cpu_count(),
-        },
-        "hashing": hashing_bench.run(repeats=20 if args.quick else 200),
-        "scoring": scoring_bench.run(
-            repeats=50 if args.quick else 500,
-            filler_blocks=50_000 if args.quick else scoring_bench.FILLER_BLOCKS,
-        ),
-        "memory": memory(args.quick),
-        "tokenization": tokenization_bench.run(quick=args.quick),
-        "ingest": ingest_bench.run(quick=args.quick),
-        "load": load_bench.run(quick=args.quick),
-        "redis": redis_bench.run(None, cluster=not args.quick, quick=args.quick),
-    }
-    results["seconds"] = time.time() - started
-    RESULTS.mkdir(exist_ok=True)
+    try:
+        names = parse_only(args.only) if args.only else list(SECTIONS)
+    except ValueError as exc:
+        parser.error(str(exc))
     name = "quick.json" if args.quick else "latest.json"
-    (RESULTS / name).write_text(json.dumps(results, indent=2) + "\n")
+    path = RESULTS / name
+    previous = json.loads(path.read_text()) if args.only and path.exists() else None
+    results = run_sections(names, args.quick, previous)
+    RESULTS.mkdir(exist_ok=True)
+    scratch = path.with_suffix(".json.tmp")  # never a half-written latest.json
+    scratch.write_text(json.dumps(results, indent=2) + "\n")
+    scratch.replace(path)
     print(_table(results))
-    print(f"\nwritten to bench/results/{name} in {results['seconds']:.0f} s")
+    card = scorecard.render(
+        results, RESULTS / ("quick-scorecard.md" if args.quick else "scorecard.md")
+    )
+    print(f"\nwritten to bench/results/{name} in {results['seconds']:.0f} s; scorecard: {card}")
 
 
 if __name__ == "__main__":
