@@ -386,6 +386,20 @@ static PyObject *read_uint_list(Cur *c, int cache) {
     return list;
 }
 
+/* Checks the array of non-negative ints at `c` without building it, moving `c` past it.
+ * Returns a new reference to Ellipsis (the ids were there and are left out), a new empty list
+ * when the array is empty (an event that carries no tokens stays one), NULL without an
+ * exception when the array is malformed or holds anything else. */
+static PyObject *skip_uint_list(Cur *c) {
+    uint64_t n, v;
+    if (read_array(c, &n) < 0 || n > left(c)) return NULL;
+    if (n == 0) return PyList_New(0);
+    for (uint64_t i = 0; i < n; i++) {
+        if (read_uint(c, &v) < 0) return NULL;
+    }
+    return Py_NewRef(Py_Ellipsis);
+}
+
 /* Appends the u64 hashes of the array at `at` to the run's list: 0, -1 (no exception) when
  * the array is malformed or not all u64, -2 with an exception set. */
 static int extend_hashes(const uint8_t *at, const uint8_t *end, PyObject **hashes) {
@@ -408,18 +422,22 @@ static inline void put(uint8_t **out, const uint8_t *from, const uint8_t *to) {
 }
 
 PyDoc_STRVAR(scan_doc,
-"scan(payload, /) -> (ts, dp_rank, items, merged, others) | None\n\n"
+"scan(payload, skip_tokens=False, /) -> (ts, dp_rank, items, merged, others) | None\n\n"
 "Decode a batch of map-form events. items has one entry per decoded event, in order:\n"
 "- a (block_hashes, medium, group_idx, locality, ownership) tuple per run of consecutive\n"
 "  BlockRemoved events with equal medium, group_idx, locality and ownership (hashes\n"
 "  concatenated; merged counts the events folded into an earlier one);\n"
-"- the token_ids list of a BlockStored, which is the next event of `others`;\n"
+"- the token_ids list of a BlockStored, which is the next event of `others` (with\n"
+"  skip_tokens, Ellipsis instead of a non-empty list: the ids were checked, not built);\n"
 "- None for an AllBlocksCleared, the next event of `others`.\n"
 "others is a msgpack array of the BlockStored (with empty token_ids) and AllBlocksCleared\n"
 "events, or None when there are none. None when the payload is not in the common layout.");
 
-static PyObject *f_scan(PyObject *self, PyObject *arg) {
+static PyObject *f_scan(PyObject *self, PyObject *args) {
     (void)self;
+    PyObject *arg;
+    int skip_tokens = 0;
+    if (!PyArg_ParseTuple(args, "O|p", &arg, &skip_tokens)) return NULL;
     if (int_cache == NULL) {
         int_cache = PyMem_Calloc(INT_CACHE_SIZE, sizeof(PyObject *));
         if (int_cache == NULL) return PyErr_NoMemory();
@@ -476,7 +494,7 @@ static PyObject *f_scan(PyObject *self, PyObject *arg) {
                 if (read_str(&c, &tag, &tlen) < 0) goto refuse;
             } else if (id == K_TOKENS && tlen == 11 && memcmp(tag, "BlockStored", 11) == 0) {
                 /* "type" came first (as vLLM sends it): read the tokens in this pass. */
-                tokens = read_uint_list(&c, 1);
+                tokens = skip_tokens ? skip_uint_list(&c) : read_uint_list(&c, 1);
                 if (tokens == NULL) goto refuse_or_error;
                 tokens_end = c.p;
             } else if (skip(&c) < 0) {
@@ -508,7 +526,7 @@ static PyObject *f_scan(PyObject *self, PyObject *arg) {
             if (value[K_TOKENS] == NULL) goto refuse; /* required */
             if (tokens == NULL) { /* "type" came after "token_ids" */
                 Cur tc = {value[K_TOKENS], end};
-                tokens = read_uint_list(&tc, 1);
+                tokens = skip_tokens ? skip_uint_list(&tc) : read_uint_list(&tc, 1);
                 if (tokens == NULL) goto refuse_or_error;
                 tokens_end = tc.p;
             }
@@ -574,7 +592,7 @@ done:
 }
 
 static PyMethodDef methods[] = {
-    {"scan", f_scan, METH_O, scan_doc},
+    {"scan", f_scan, METH_VARARGS, scan_doc},
     {NULL, NULL, 0, NULL},
 };
 

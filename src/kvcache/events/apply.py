@@ -22,6 +22,7 @@ from typing import Any
 from kvcache.blocks import GPU, KeyType, PodEntry
 from kvcache.errors import KVCacheError, UnknownKeyError
 from kvcache.events.schema import (
+    TOKENS_OMITTED,
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,
@@ -44,6 +45,9 @@ log = logging.getLogger("kvcache.events")
 CHAIN_STATE_LIMIT = 1 << 20
 # In identity mode, re-verify one checkable event in this many.
 REVERIFY_EVERY = 64
+# In identity mode the decoder may skip token ids (they only serve verification): one message
+# in this many still carries them, and its first checkable event is verified.
+TOKENS_EVERY = 16
 
 
 class HashMode(enum.Enum):
@@ -65,6 +69,10 @@ class PodState:
     mode: HashMode = HashMode.UNVERIFIED
     verified_events: int = 0
     checkable_seen: int = 0
+    messages_without_tokens: int = 0
+    """Messages decoded without token ids since the last one with them (identity mode)."""
+    verify_next: bool = False
+    """Verify the next checkable event (the first of a message that carries tokens again)."""
     matched_scheme: str | None = None
     """In dual mode: the vLLM scheme the pod's hashes do match, when one was found."""
     copies: Counter[tuple[int, PodEntry]] = field(default_factory=Counter)
@@ -287,6 +295,25 @@ class EventApplier:
             "event of pod=%s seq=%d not applied: %s", pod, seq, exc, extra={"pod": pod, "seq": seq}
         )
 
+    def skip_tokens_for(self, pod: str) -> bool:
+        """Whether the next message of ``pod`` (by its topic) may be decoded without token ids.
+
+        Only for pods in identity mode, whose keys need no tokens; one message in
+        `TOKENS_EVERY` keeps them, and its first checkable event is verified, so identity is
+        still re-checked about as often as with one event in `REVERIFY_EVERY`.
+        """
+        if self.dp_rank_in_pod_id:
+            return False  # the state is per rank, the topic names the publisher
+        state = self.pods.get(pod)
+        if state is None or state.mode is not HashMode.IDENTITY:
+            return False
+        state.messages_without_tokens += 1
+        if state.messages_without_tokens < TOKENS_EVERY:
+            return True
+        state.messages_without_tokens = 0
+        state.verify_next = True
+        return False
+
     def forget_pod(self, pod: str) -> int:
         """Drop everything about a pod (it left the fleet); returns entries removed."""
         self.pods.pop(pod, None)
@@ -319,6 +346,8 @@ class EventApplier:
             state = self.pods.get(pod)
             if state is not None:
                 state.copies.clear()
+                # a restarted engine may hash differently: its next message carries tokens
+                state.messages_without_tokens = TOKENS_EVERY - 1
             log.warning(
                 "pod=%s rank=%s restarted (seq went back to %d): cleared %d stale entries",
                 publisher,
@@ -336,13 +365,27 @@ class EventApplier:
         if not hashes:
             return
         entry = state.entry(event.medium, event.group_idx)
-        if not event.token_ids:
+        tokens = event.token_ids
+        if tokens is TOKENS_OMITTED:
+            # the decoder skipped the tokens because the pod was in identity mode (see
+            # skip_tokens_for), and the mode changes only while applying: it still is
+            if state.mode is HashMode.IDENTITY:
+                self._coalesce(state, entry, hashes, removal=False)
+            else:  # pragma: no cover - the decision and the apply run under one lock
+                self.stats.blocks_skipped["tokens_omitted"] += len(hashes)
+            return
+        if not tokens:
             self._flush()
             self._tier_update(state, hashes, entry)
             return
         if state.mode is not HashMode.DUAL and self._checkable(event):
             state.checkable_seen += 1
-            if state.mode is HashMode.UNVERIFIED or state.checkable_seen % REVERIFY_EVERY == 0:
+            if (
+                state.mode is HashMode.UNVERIFIED
+                or state.verify_next
+                or state.checkable_seen % REVERIFY_EVERY == 0
+            ):
+                state.verify_next = False
                 self._flush()  # a mismatch clears the pod: earlier stores must land first
                 self._verify(state, event, model)
         if state.mode is HashMode.DUAL:

@@ -60,6 +60,7 @@ from kvcache.events.schema import (
     BLOCK_STORED_TAG,
     FRAME_COUNT,
     REPLAY_END_SEQ,
+    TOKENS_OMITTED,
     UNKNOWN_TYPE,
     AllBlocksCleared,
     BlockRemoved,
@@ -481,9 +482,11 @@ def _peek_event_form(payload: BytesLike) -> int:
     return _FORM_UNKNOWN
 
 
-def _fast_batch(scan: Callable[[Any], Any], payload: BytesLike) -> EventBatch | None:
+def _fast_batch(
+    scan: Callable[..., Any], payload: BytesLike, skip_tokens: bool
+) -> EventBatch | None:
     """Path 0: the compiled scan, or None to go on with msgspec's paths."""
-    scanned = scan(payload)
+    scanned = scan(payload, skip_tokens)
     if scanned is None:
         return None
     ts, rank, items, merged, others = scanned
@@ -500,15 +503,17 @@ def _fast_batch(scan: Callable[[Any], Any], payload: BytesLike) -> EventBatch | 
             events.append(BlockRemoved(*item))
         elif kind is list:  # the token ids of the next BlockStored
             events.append(_with_tokens(next(rest), token_ids=item))
+        elif item is Ellipsis:  # the next BlockStored's token ids, checked and skipped
+            events.append(_with_tokens(next(rest), token_ids=TOKENS_OMITTED))
         else:  # AllBlocksCleared
             events.append(next(rest))
     return EventBatch(ts, events, rank, [], merged)
 
 
-def _decode_batch(payload: BytesLike) -> EventBatch | tuple[str, str]:
+def _decode_batch(payload: BytesLike, skip_tokens: bool = False) -> EventBatch | tuple[str, str]:
     scan = _scan[0]
     if scan is not None:
-        fast = _fast_batch(scan, payload)
+        fast = _fast_batch(scan, payload, skip_tokens)
         if fast is not None:
             return fast
     form = _peek_event_form(payload)
@@ -615,23 +620,34 @@ def decode_payload(payload: BytesLike) -> EventBatch | FrameRejection:
 
 
 def _message(
-    pod: str, model: str | None, seq_frame: BytesLike, payload: BytesLike
+    pod: str,
+    model: str | None,
+    seq_frame: BytesLike,
+    payload: BytesLike,
+    skip_tokens: bool | Callable[[str], bool] = False,
 ) -> Message | FrameRejection:
     if len(seq_frame) != _SEQ_LEN:
         detail = f"seq frame has {len(seq_frame)} bytes, expected {_SEQ_LEN}"
         return FrameRejection(BAD_SEQ, detail, pod, model)
     seq = int.from_bytes(seq_frame, "big")
-    result = _decode_batch(payload)
+    skip = skip_tokens if skip_tokens.__class__ is bool else skip_tokens(pod)  # type: ignore[operator]
+    result = _decode_batch(payload, bool(skip))
     if result.__class__ is EventBatch:
         return Message(pod, model, seq, result)
     reason, detail = cast("tuple[str, str]", result)
     return FrameRejection(reason, detail, pod, model, seq)
 
 
-def decode_frames(frames: Sequence[Any]) -> Message | FrameRejection:
+def decode_frames(
+    frames: Sequence[Any], *, skip_tokens: bool | Callable[[str], bool] = False
+) -> Message | FrameRejection:
     """Decode a live message ``[topic, seq (8 bytes big-endian), msgpack payload]``.
 
-    ``frames`` items are bytes-like (bytes, bytearray, memoryview, zmq.Frame).
+    ``frames`` items are bytes-like (bytes, bytearray, memoryview, zmq.Frame). ``skip_tokens``
+    (or a function of the pod id saying so) lets the compiled fast path check the token ids of
+    stored events without building them: those events get `TOKENS_OMITTED` as ``token_ids``
+    (the ingest pipeline asks for it for pods in identity mode, whose keys need no tokens).
+    Other paths ignore it.
     """
     if len(frames) != 3:
         return FrameRejection(FRAME_COUNT, f"expected 3 frames, got {len(frames)}")
@@ -639,7 +655,7 @@ def decode_frames(frames: Sequence[Any]) -> Message | FrameRejection:
         pod, model = _pod_and_model(_as_buffer(frames[0]))
     except UnicodeDecodeError:
         return FrameRejection(BAD_TOPIC, "topic frame is not valid UTF-8")
-    return _message(pod, model, _as_buffer(frames[1]), _as_buffer(frames[2]))
+    return _message(pod, model, _as_buffer(frames[1]), _as_buffer(frames[2]), skip_tokens)
 
 
 def decode_replay_frames(

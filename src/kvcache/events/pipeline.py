@@ -93,9 +93,10 @@ class IngestPipeline:
         if self._inline:
             if self.priority is not None:
                 self.priority.yield_to_readers()
+            applier = self.appliers[0]
             with self._apply_lock:
                 try:
-                    self.appliers[0].apply(decode_frames(frames))
+                    applier.apply(decode_frames(frames, skip_tokens=applier.skip_tokens_for))
                 except Exception:  # a bug must not stop ingest for every other pod
                     log.exception("failed to apply a message")
             return True
@@ -183,7 +184,7 @@ class IngestPipeline:
                     continue
                 if priority is not None:
                     priority.yield_to_readers()
-                applier.apply(decode_frames(frames))
+                applier.apply(decode_frames(frames, skip_tokens=applier.skip_tokens_for))
             except Exception:  # a bug must not stop ingest for every other pod
                 log.exception("failed to apply a message")
             finally:

@@ -40,6 +40,7 @@ __all__ = [
     "FRAME_COUNT",
     "FRAME_REJECT_REASONS",
     "REPLAY_END_SEQ",
+    "TOKENS_OMITTED",
     "UNKNOWN_TYPE",
     "AllBlocksCleared",
     "BlockRemoved",
@@ -144,6 +145,13 @@ class BlockStored(msgspec.Struct, frozen=True, gc=False, tag_field="type", tag=B
     session_id: str | None = None
     lookahead_token_ids: list[list[_UInt]] | None = None
     cache_salt: str | None = None
+
+
+TOKENS_OMITTED: Final[list[int]] = []
+"""The ``token_ids`` of a `BlockStored` whose token ids the decoder was asked to skip
+(``decode_frames(..., skip_tokens=True)``: the ingest pipeline does it for pods in identity mode,
+whose keys need no tokens). Compare by identity (``is``); never mutate it. An event that
+carried no token ids on the wire keeps an ordinary empty list."""
 
 
 class BlockRemoved(msgspec.Struct, frozen=True, gc=False, tag_field="type", tag=BLOCK_REMOVED_TAG):
