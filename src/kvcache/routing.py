@@ -3,10 +3,13 @@
 `Router.rank` prices every candidate pod in seconds (docs/routing.md)::
 
     predicted_ttft = queue + prefill + transfer
-      queue    = waiting * queue_per_request + running * running_per_request
+      queue    = queued prefill tokens * prefill_per_token   (or waiting * queue_per_request)
+                 + running * running_per_request
       prefill  = uncached tokens * prefill_per_token
       transfer = tokens hit only on a non-gpu tier * cpu_hit_per_token
-    cost       = predicted_ttft - stickiness   (the bonus of the longest-prefix pod, unsaturated)
+    pressure   = prefill * kv_pressure * kv_usage   (the others' cache the new blocks evict)
+    sticky     = stickiness / (1 + saturation)      (the longest-prefix pod(s) only)
+    cost       = predicted_ttft + pressure - sticky
 
 and `Router.pick` takes the cheapest, then credits it with the prompt's blocks as speculative
 index entries until the engine's own events confirm them (or the TTL runs out). Every decision
@@ -56,13 +59,21 @@ class PodLoad(msgspec.Struct, frozen=True):
     kv_usage: Fraction = 0.0
     """Fraction of the pod's KV blocks held by running requests, 0..1
     (``vllm:kv_cache_usage_perc``; cached but unreferenced blocks count as free)."""
+    queued_prefill_tokens: NonNegativeInt | None = None
+    """Prompt tokens the pod still has to prefill before a new request's: the uncached tokens
+    of its waiting requests plus what its running requests have left to prefill. Optional:
+    vLLM does not export it, but a router that tracks what it sent (and the cached tokens it
+    predicted) knows it. When given, the queue is priced as this work instead of a flat
+    ``queue_per_request`` per waiting request."""
 
     def __post_init__(self) -> None:
         # msgspec checks the constraints when decoding, not on direct construction.
         if not isinstance(self.pod, str) or not self.pod:
             raise ValueError(f"PodLoad.pod must be a non-empty string, got {self.pod!r}")
-        for name in ("waiting", "running"):
+        for name in ("waiting", "running", "queued_prefill_tokens"):
             value = getattr(self, name)
+            if name == "queued_prefill_tokens" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(
                     f"PodLoad.{name} of {self.pod}: must be an int >= 0, got {value!r}"
@@ -78,7 +89,8 @@ class CostModel(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
 
     The defaults describe an H100-class GPU serving an 8B-32B model with chunked prefill; they
     set the ratios that matter (a cpu hit ~12x cheaper than prefill, a queued request ~ one
-    average prefill) and should be replaced by values measured on the fleet.
+    average prefill, a block allocated in a full pool ~ as costly as the prefill it needed)
+    and should be replaced by values measured on the fleet.
     """
 
     prefill_per_token: NonNegativeFloat = 6.25e-5
@@ -91,21 +103,33 @@ class CostModel(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     (Llama-3-8B in bf16) over ~25 GB/s PCIe. Must stay below ``prefill_per_token`` for offload
     to pay off."""
     queue_per_request: NonNegativeFloat = 0.1
-    """Seconds of wait per request queued ahead on the pod: about one average prefill of the
-    fleet's prompts. From vLLM: mean request_queue_time_seconds / mean num_requests_waiting."""
+    """Seconds of wait per request queued ahead on the pod, used only when the load does not
+    carry ``queued_prefill_tokens``: about one average prefill of the fleet's prompts. From
+    vLLM: mean request_queue_time_seconds / mean num_requests_waiting."""
     running_per_request: NonNegativeFloat = 0.002
     """Seconds added to a new request's first token per request already running: the running
     decodes share each engine step (chunked prefill) with the new prompt. The slope of
     time_to_first_token_seconds against num_requests_running at a fixed prompt length."""
+    kv_pressure: NonNegativeFloat = 10.0
+    """Weight of the KV-pressure term: a pod whose pool is ``u = kv_usage`` full pays
+    ``kv_pressure * u / (1 - u)`` times its prefill on top of the predicted TTFT (u capped at
+    0.99). A miss costs the fleet more than its own prefill: its new blocks evict cached
+    blocks later requests will recompute, and they stay allocated for the request's whole
+    decode instead of being shared, which on a busy pool delays every admission (u / (1 - u)
+    is the queueing delay per unit of work added at utilisation u). Not part of the prediction
+    (this request does not wait for it): it keeps a busy fleet from trading everybody's cache
+    for one request's shorter queue. The default, 10, is about how much longer a request
+    holds its blocks decoding than its prompt takes to prefill. 0 disables it."""
     saturation_kv_usage: Fraction = 0.9
-    """Stickiness ends when the cache-holding pod's ``kv_usage`` reaches this fraction (vLLM
-    starts preempting near a full KV pool)."""
+    """KV usage from which the cache holder's stickiness decays; at a full pool it is halved."""
     saturation_waiting: NonNegativeInt = 4
-    """Stickiness ends when the cache-holding pod has this many requests queued."""
+    """Queued requests at which the cache holder's stickiness is halved (twice as many: a third,
+    and so on)."""
     stickiness: NonNegativeFloat = 0.05
-    """Bonus (seconds subtracted from the cost) of the pod(s) holding the longest prefix, while
-    not saturated: stay on the cache holder unless another pod is predicted this much faster.
-    Keeps one copy of a hot prefix instead of spreading it on near-ties. 0 disables it."""
+    """Bonus (seconds subtracted from the cost) of the pod(s) holding the longest prefix: stay
+    on the cache holder unless another pod is predicted this much faster. Keeps one copy of a
+    hot prefix instead of spreading it on near-ties. Decays smoothly as the holder saturates:
+    ``stickiness / (1 + saturation)``, never switched off. 0 disables it."""
 
     def __post_init__(self) -> None:
         # ConfigError is a ValueError: msgspec turns it into a ValidationError when decoding.
@@ -114,6 +138,7 @@ class CostModel(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
             "cpu_hit_per_token",
             "queue_per_request",
             "running_per_request",
+            "kv_pressure",
             "stickiness",
         ):
             value = getattr(self, name)
@@ -127,6 +152,26 @@ class CostModel(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
             raise ConfigError(
                 "routing.saturation_waiting", f"must be >= 0, got {self.saturation_waiting}"
             )
+
+    def saturation(self, load: PodLoad) -> float:
+        """How saturated a pod is: ``waiting / saturation_waiting`` plus how far ``kv_usage`` is
+        past ``saturation_kv_usage`` as a fraction of the rest of the pool (1 when full).
+        0 for an unsaturated pod; a threshold of 0 makes any excess infinite."""
+        queued = 0.0
+        if load.waiting:
+            queued = load.waiting / self.saturation_waiting if self.saturation_waiting else math.inf
+        excess = load.kv_usage - self.saturation_kv_usage
+        # excess > 0 implies saturation_kv_usage < 1: no division by zero.
+        full = excess / (1.0 - self.saturation_kv_usage) if excess > 0.0 else 0.0
+        return queued + full
+
+    def pressure_seconds(self, prefill_s: float, kv_usage: float) -> float:
+        """The KV-pressure term of a pod that must prefill ``prefill_s`` at ``kv_usage``."""
+        return prefill_s * self.kv_pressure * _busy_ratio(kv_usage)
+
+    def holder_bonus(self, load: PodLoad) -> float:
+        """The stickiness bonus of a longest-prefix holder under ``load``."""
+        return self.stickiness / (1.0 + self.saturation(load))
 
 
 class PodCost(msgspec.Struct, frozen=True):
@@ -143,34 +188,45 @@ class PodCost(msgspec.Struct, frozen=True):
     """Prompt tokens the pod must prefill: the prompt minus the cached blocks' tokens (vLLM
     always recomputes the last prompt token, so a hit is capped at ``len(prompt) - 1``)."""
     queue_s: float
-    """waiting * queue_per_request + running * running_per_request."""
+    """load.queued_prefill_tokens * prefill_per_token (when the load carries it, else
+    waiting * queue_per_request) + running * running_per_request."""
     prefill_s: float
     """uncached_tokens * prefill_per_token."""
     transfer_s: float
     """cached_blocks_cpu * block_size * cpu_hit_per_token."""
     stickiness_s: float
-    """The stickiness bonus this pod gets (0 unless it holds the longest prefix, unsaturated)."""
+    """The stickiness bonus this pod gets: stickiness / (1 + saturation) if it holds the
+    longest prefix, else 0."""
     predicted_ttft_s: float
     """queue_s + prefill_s + transfer_s: the predicted time to first token."""
     cost_s: float
-    """predicted_ttft_s - stickiness_s: what the ranking sorts by."""
+    """predicted_ttft_s + kv_pressure_s - stickiness_s: what the ranking sorts by."""
     cached_tokens: int
     """(cached_blocks_gpu + cached_blocks_cpu) * block_size: vLLM's expected num_cached_tokens."""
     saturated: bool
-    """The pod's kv_usage or queue is at the saturation threshold (it gets no stickiness)."""
+    """The pod's kv_usage or queue is at a saturation threshold: its stickiness is halved or
+    less (it decays smoothly, see ``saturation``)."""
     load: PodLoad
     """The load the cost was computed from."""
+    kv_pressure_s: float = 0.0
+    """prefill_s * kv_pressure * kv_usage: the cache this pod's new blocks evict, priced as the
+    prefill it will cost others (not part of predicted_ttft_s)."""
+    saturation: float = 0.0
+    """`CostModel.saturation` of the load: the bonus is stickiness / (1 + saturation)."""
 
     def explain(self) -> str:
         """One line: the cost and its terms."""
+        pressure = f" + kv pressure {self.kv_pressure_s:.4f}" if self.kv_pressure_s else ""
         sticky = f" - sticky {self.stickiness_s:.4f}" if self.stickiness_s else ""
-        saturated = " saturated" if self.saturated else ""
+        saturated = f" saturation {self.saturation:.2f}" if self.saturation else ""
+        queued = self.load.queued_prefill_tokens
+        work = "" if queued is None else f" queued prefill {queued} tokens"
         return (
             f"{self.pod}: cost {self.cost_s:.4f}s = queue {self.queue_s:.4f}"
-            f" + prefill {self.prefill_s:.4f} + transfer {self.transfer_s:.4f}{sticky}"
+            f" + prefill {self.prefill_s:.4f} + transfer {self.transfer_s:.4f}{pressure}{sticky}"
             f" | blocks gpu {self.cached_blocks_gpu} cpu {self.cached_blocks_cpu},"
             f" uncached {self.uncached_tokens} tokens | waiting {self.load.waiting}"
-            f" running {self.load.running} kv {self.load.kv_usage:.2f}{saturated}"
+            f" running {self.load.running}{work} kv {self.load.kv_usage:.2f}{saturated}"
         )
 
 
@@ -343,16 +399,21 @@ class Router:
             gpu, cpu = held.get(load.pod, (0, 0))
             cached_tokens = (gpu + cpu) * block_size
             uncached = len(token_ids) - cached_tokens
-            queue = load.waiting * model_.queue_per_request
+            if load.queued_prefill_tokens is None:
+                queue = load.waiting * model_.queue_per_request
+            else:
+                queue = load.queued_prefill_tokens * model_.prefill_per_token
             queue += load.running * model_.running_per_request
             prefill = uncached * model_.prefill_per_token
             transfer = cpu * block_size * model_.cpu_hit_per_token
+            pressure = model_.pressure_seconds(prefill, load.kv_usage)
             saturated = (
                 load.kv_usage >= model_.saturation_kv_usage
                 or load.waiting >= model_.saturation_waiting
             )
-            sticky = longest > 0 and gpu + cpu == longest and not saturated
-            bonus = model_.stickiness if sticky else 0.0
+            saturation = model_.saturation(load)
+            sticky = longest > 0 and gpu + cpu == longest
+            bonus = model_.holder_bonus(load) if sticky else 0.0
             ttft = queue + prefill + transfer
             costs.append(
                 PodCost(
@@ -365,12 +426,14 @@ class Router:
                     queue_s=round(queue, 9),
                     prefill_s=round(prefill, 9),
                     transfer_s=round(transfer, 9),
-                    stickiness_s=bonus,
+                    stickiness_s=round(bonus, 9),
                     predicted_ttft_s=round(ttft, 9),
-                    cost_s=round(ttft - bonus, 9),
+                    cost_s=round(ttft + pressure - bonus, 9),
                     cached_tokens=cached_tokens,
                     saturated=saturated,
                     load=load,
+                    kv_pressure_s=round(pressure, 9),
+                    saturation=round(saturation, 9),
                 )
             )
         costs.sort(key=lambda c: (c.cost_s, c.pod))
@@ -397,6 +460,16 @@ class Router:
             self._pending.append((expiry, pod, unique))
             self._credited += 1
         return len(unique)
+
+
+MAX_USAGE = 0.99
+"""`kv_usage` is capped here in the pressure term: a full pool costs 99x the prefill, not inf."""
+
+
+def _busy_ratio(kv_usage: float) -> float:
+    """u / (1 - u): the marginal queueing delay per second of work added at utilisation u."""
+    usage = min(kv_usage, MAX_USAGE)
+    return usage / (1.0 - usage)
 
 
 def _held_blocks(

@@ -33,6 +33,7 @@ MODEL = CostModel(
     cpu_hit_per_token=0.0001,
     queue_per_request=0.1,
     running_per_request=0.01,
+    kv_pressure=0.0,
     stickiness=0.0,
 )
 
@@ -183,6 +184,7 @@ STICKY = CostModel(
     running_per_request=0.01,
     saturation_kv_usage=0.9,
     saturation_waiting=3,
+    kv_pressure=0.0,
     stickiness=0.02,
 )
 
@@ -201,30 +203,44 @@ def test_stickiness_keeps_the_cache_holder_on_a_near_tie(indexer: Indexer) -> No
     assert decision.pod == "a"
 
 
-def test_stickiness_ends_when_kv_usage_saturates(indexer: Indexer) -> None:
+def test_stickiness_decays_as_kv_usage_passes_saturation(indexer: Indexer) -> None:
     hold(indexer, "a", 2)
     router = Router(indexer, STICKY)
-    loads = [PodLoad("a", running=4, kv_usage=0.9), PodLoad("b")]
+    bonuses = []
+    for usage in (0.5, 0.9, 0.95, 1.0):
+        loads = [PodLoad("a", running=4, kv_usage=usage), PodLoad("b")]
+        a = by_pod(router.rank(PROMPT, loads))["a"]
+        bonuses.append(a.stickiness_s)
+        # predicted 0.108 s (queue 0.04 + prefill 0.068), minus the bonus
+        assert a.cost_s == pytest.approx(0.108 - a.stickiness_s)
+    # full bonus up to the threshold, halfway past it 2/3, at a full pool half: never off.
+    assert bonuses == pytest.approx([0.02, 0.02, 0.02 / 1.5, 0.01])
+    loads = [PodLoad("a", running=5, kv_usage=1.0), PodLoad("b")]
+    decision = router.pick(PROMPT, loads, speculative=False)
+    assert by_pod(decision.ranked)["a"].saturated
+    assert decision.pod == "b"  # 0.118 - 0.01 > 0.1
+    loads = [PodLoad("a", running=5, kv_usage=0.89), PodLoad("b")]
+    assert router.pick(PROMPT, loads, speculative=False).pod == "a"  # 0.118 - 0.02 < 0.1
+
+
+def test_stickiness_decays_with_the_queue(indexer: Indexer) -> None:
+    hold(indexer, "a", 2)
+    router = Router(indexer, STICKY)  # queued requests cost nothing here: only the decay acts
+    loads = [PodLoad("a", waiting=2, running=4), PodLoad("b")]
     decision = router.pick(PROMPT, loads, speculative=False)
     a = by_pod(decision.ranked)["a"]
-    assert a.saturated
-    assert a.stickiness_s == 0.0
-    assert a.cost_s == pytest.approx(0.108)
-    assert decision.pod == "b"
-    # just below the threshold the bonus is back
-    loads = [PodLoad("a", running=4, kv_usage=0.89), PodLoad("b")]
-    assert router.pick(PROMPT, loads, speculative=False).pod == "a"
-
-
-def test_stickiness_ends_when_the_queue_saturates(indexer: Indexer) -> None:
-    hold(indexer, "a", 2)
-    router = Router(indexer, STICKY)  # queued requests cost nothing here: only the gate acts
-    loads = [PodLoad("a", waiting=2, running=4), PodLoad("b")]
-    assert router.pick(PROMPT, loads, speculative=False).pod == "a"
+    assert a.saturation == pytest.approx(2 / 3)
+    assert a.stickiness_s == pytest.approx(0.02 / (1 + 2 / 3))  # 0.012: 0.096 < 0.1
+    assert decision.pod == "a"
     loads = [PodLoad("a", waiting=3, running=4), PodLoad("b")]
     decision = router.pick(PROMPT, loads, speculative=False)
-    assert decision.pod == "b"
-    assert by_pod(decision.ranked)["a"].saturated
+    a = by_pod(decision.ranked)["a"]
+    assert a.saturated and a.stickiness_s == pytest.approx(0.01)  # halved at the threshold
+    assert decision.pod == "a"  # 0.098 < 0.1
+    loads = [PodLoad("a", waiting=6, running=4), PodLoad("b")]
+    decision = router.pick(PROMPT, loads, speculative=False)
+    assert by_pod(decision.ranked)["a"].stickiness_s == pytest.approx(0.02 / 3)
+    assert decision.pod == "b"  # 0.1013 > 0.1
 
 
 def test_stickiness_goes_to_every_pod_with_the_longest_prefix(indexer: Indexer) -> None:
@@ -238,6 +254,55 @@ def test_stickiness_goes_to_every_pod_with_the_longest_prefix(indexer: Indexer) 
 def test_no_stickiness_without_a_cache_holder(indexer: Indexer) -> None:
     costs = Router(indexer, STICKY).rank(PROMPT, [PodLoad("a"), PodLoad("b")])
     assert [cost.stickiness_s for cost in costs] == [0.0, 0.0]
+
+
+# -- queued work and KV pressure ----------------------------------------------------------------
+
+
+def test_queued_prefill_tokens_replace_the_per_request_queue_cost(indexer: Indexer) -> None:
+    router = Router(indexer, MODEL)
+    flat = PodLoad("a", waiting=3, running=1)
+    work = PodLoad("b", waiting=3, running=1, queued_prefill_tokens=40)
+    costs = by_pod(router.rank(PROMPT, [flat, work]))
+    assert costs["a"].queue_s == pytest.approx(3 * 0.1 + 0.01)
+    assert costs["b"].queue_s == pytest.approx(40 * 0.001 + 0.01)  # 3 queued hits: cheap
+    assert "queued prefill 40 tokens" in costs["b"].explain()
+    assert costs["b"].load.queued_prefill_tokens == 40
+    with pytest.raises(ValueError, match="queued_prefill_tokens"):
+        PodLoad("a", queued_prefill_tokens=-1)
+
+
+def test_kv_pressure_charges_a_miss_on_a_busy_pool(indexer: Indexer) -> None:
+    model = CostModel(prefill_per_token=0.001, running_per_request=0.0, kv_pressure=2.0)
+    hold(indexer, "a", 6)  # a: 96 cached, 4 to prefill; b and c: all 100
+    loads = [PodLoad("a", kv_usage=0.75), PodLoad("b", kv_usage=0.5), PodLoad("c")]
+    costs = by_pod(Router(indexer, model).rank(PROMPT, loads))
+    # prefill * weight * u / (1 - u), computed here by hand
+    assert costs["a"].kv_pressure_s == pytest.approx(0.004 * 2.0 * 3.0)
+    assert costs["b"].kv_pressure_s == pytest.approx(0.1 * 2.0 * 1.0)
+    assert costs["c"].kv_pressure_s == 0.0
+    # not part of the predicted TTFT, part of the cost
+    assert costs["b"].predicted_ttft_s == pytest.approx(0.1)
+    assert costs["b"].cost_s == pytest.approx(0.1 + 0.2)
+    assert "kv pressure 0.2000" in costs["b"].explain()
+    full = by_pod(Router(indexer, model).rank(PROMPT, [PodLoad("b", kv_usage=1.0)]))["b"]
+    assert full.kv_pressure_s == pytest.approx(0.1 * 2.0 * 99.0)  # capped, not infinite
+
+
+def test_defaults_keep_a_saturated_fleet_on_its_cache(indexer: Indexer) -> None:
+    """Every pod is past the old saturation cut-off (queue >= 4, kv >= 0.9): the holder of a
+    long prefix, with hits queued, stays cheaper than copying the prefix elsewhere."""
+    prompt = list(range(5000, 5000 + 1216))
+    hold(indexer, "a", 75, prompt=prompt)
+    loads = [
+        PodLoad("a", waiting=6, running=40, kv_usage=0.95, queued_prefill_tokens=6 * 48),
+        PodLoad("b", waiting=4, running=30, kv_usage=0.9, queued_prefill_tokens=4 * 48),
+    ]
+    decision = Router(indexer).pick(prompt, loads, speculative=False)
+    assert decision.pod == "a"
+    a, b = by_pod(decision.ranked)["a"], by_pod(decision.ranked)["b"]
+    assert a.saturated and a.stickiness_s > 0.0  # decayed, not off
+    assert b.kv_pressure_s > b.prefill_s  # the copy would evict more than it saves
 
 
 # -- tiers ---------------------------------------------------------------------------------------
@@ -410,6 +475,8 @@ def test_pod_load_and_cost_model_reject_bad_values() -> None:
         CostModel(stickiness=float("inf"))
     with pytest.raises(ConfigError, match="saturation_kv_usage"):
         CostModel(saturation_kv_usage=2.0)
+    with pytest.raises(ConfigError, match="kv_pressure"):
+        CostModel(kv_pressure=-1.0)
     with pytest.raises(msgspec.ValidationError):
         msgspec.convert({"queue_per_request": -0.5}, CostModel)
     with pytest.raises(msgspec.ValidationError):

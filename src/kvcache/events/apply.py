@@ -208,8 +208,15 @@ class EventApplier:
 
     def apply(self, message: Message | FrameRejection) -> None:
         """Apply one decoded ZMQ message (or count a rejected one)."""
+        try:
+            self._apply(message)
+        finally:
+            # Counted once applied: a reader that sees the count (metrics, a caller waiting
+            # for ingest to catch up) must also see the message's effect on the index.
+            self.stats.messages += 1
+
+    def _apply(self, message: Message | FrameRejection) -> None:
         stats = self.stats
-        stats.messages += 1
         if isinstance(message, FrameRejection):
             stats.frames_rejected[message.reason] += 1
             log.warning(

@@ -62,10 +62,26 @@ class FleetSpec(msgspec.Struct, frozen=True, kw_only=True):
     timing: TimingModel = msgspec.field(default_factory=TimingModel)
     layout: str = "vllm-0.32"
     hash_scheme: str = "sha256"
-    approximate_lru_entries: int = 31_250
+    approximate_lru_entries: int | None = None
+    """The approximate router's history per pod, in 64-token chunks. None: as llm-d's benchmark
+    sized it against its pods (31,250 entries for 307,328 KV tokens: 6.5 times what a pod
+    holds), scaled to ``capacity_blocks``."""
     speculative_ttl: float = 2.0
     sync_timeout: float = 5.0
     """Real seconds to wait for kvcache to apply what was sent before a decision."""
+
+
+LLM_D_HISTORY_PER_CAPACITY = 31_250 * 64 / 307_328
+"""Tokens of router-side history per token of pod KV in llm-d's approximate-prefix benchmark
+configuration (31,250 LRU entries of 64-token chunks per server, 307,328-token pods)."""
+
+
+def approximate_history(spec: FleetSpec) -> int:
+    """LRU entries per pod for the approximate policy (`FleetSpec.approximate_lru_entries`)."""
+    if spec.approximate_lru_entries is not None:
+        return spec.approximate_lru_entries
+    tokens = spec.capacity_blocks * spec.block_size
+    return max(1, round(tokens * LLM_D_HISTORY_PER_CAPACITY / 64))
 
 
 def pod_name(number: int) -> str:
@@ -73,23 +89,53 @@ def pod_name(number: int) -> str:
     return f"10.0.0.{number + 1}:8000"
 
 
-def cost_model(timing: TimingModel, mean_prompt: float) -> CostModel:
+def cost_model(timing: TimingModel) -> CostModel:
     """The Router's constants for the simulated engines, as an operator would measure them.
 
-    In this engine a request queues only while the block pool is exhausted and is otherwise
-    admitted at the next step boundary, so a request ahead costs about one step
-    (``step_overhead``); a running request lengthens every step by reading its context
-    (``kv_read_per_token`` x the mean prompt). A queue therefore forms exactly when spreading a
-    prefix to another pod costs the most (its blocks compete for the exhausted pool), so the
-    stickiness is kept on under load (no saturation cut-off).
+    Only the timing model's own rates: a prompt token's prefill, and a running request's share
+    of every step (its context read, at the typical context of a prompt plus the decode done
+    so far, approximated by ``max_batched_tokens`` / 8 tokens). Saturation thresholds,
+    stickiness and the KV-pressure weight stay at the Router's defaults.
     """
     return CostModel(
         prefill_per_token=timing.prefill_per_token,
-        queue_per_request=timing.step_overhead,
-        running_per_request=timing.kv_read_per_token * mean_prompt,
-        saturation_kv_usage=1.0,
-        saturation_waiting=1_000_000,
+        running_per_request=timing.kv_read_per_token * timing.max_batched_tokens / 8,
     )
+
+
+class TruePod:
+    """The oracle's view of one pod: its engine and scheduler as they are (`PodView`)."""
+
+    def __init__(self, engine: SimEngine, scheduler: PodScheduler) -> None:
+        self.engine = engine
+        self.scheduler = scheduler
+
+    def cached_tokens(self, tokens: Sequence[int]) -> int:
+        """The engine's cached tokens for ``tokens`` right now, or, if more, the full blocks
+        it shares with a request already queued there (admitted first, it computes them)."""
+        held = self.engine.cached_tokens(tokens)
+        size = self.engine.block_size
+        cap = (len(tokens) - 1) // size * size if tokens else 0
+        for job in self.scheduler.waiting:
+            shared = held
+            while shared + size <= cap and (
+                tokens[shared : shared + size] == job.prompt[shared : shared + size]
+            ):
+                shared += size
+            if shared > held and tokens[:held] == job.prompt[:held]:
+                held = shared
+        return held
+
+    def predict_ttft(
+        self, now: float, prompt: Sequence[int], output_len: int, cached: int
+    ) -> float:
+        """`PodScheduler.predict_ttft` for this prompt: its new blocks plus decode reserve."""
+        size = self.engine.block_size
+        prompt_blocks = -(-len(prompt) // size)
+        reserve = -(-(len(prompt) + output_len) // size) - prompt_blocks + 1
+        return self.scheduler.predict_ttft(
+            now, uncached=len(prompt) - cached, blocks=prompt_blocks - cached // size + reserve
+        )
 
 
 class Fleet:
@@ -198,9 +244,16 @@ class Fleet:
         return blocks * bs
 
     def loads(self) -> list[PodLoad]:
-        """Each pod's load as its /metrics would show it."""
+        """Each pod's load as its /metrics shows it, plus the prefill work queued on it as a router
+        tracking its decisions knows it (its expected cached tokens per waiting request)."""
         return [
-            PodLoad(pod, waiting=s.queued, running=s.running, kv_usage=s.kv_usage)
+            PodLoad(
+                pod,
+                waiting=s.queued,
+                running=s.running,
+                kv_usage=s.kv_usage,
+                queued_prefill_tokens=s.queued_prefill_tokens,
+            )
             for pod, s in zip(self.pods, self.schedulers, strict=True)
         ]
 
@@ -243,11 +296,11 @@ class Fleet:
 def build_policy(name: str, fleet: Fleet, requests: Sequence[SimRequest], seed: int) -> Policy:
     """The named policy, wired to this fleet's kvcache and engines."""
     router = None
+    cost = cost_model(fleet.spec.timing)
     if name == "precise_load":
-        mean_prompt = sum(len(r.prompt) for r in requests) / max(1, len(requests))
         router = Router(
             fleet.indexer,
-            cost_model(fleet.spec.timing, mean_prompt),
+            cost,
             speculative_ttl=fleet.spec.speculative_ttl,
             clock=fleet._clock,
         )
@@ -257,8 +310,14 @@ def build_policy(name: str, fleet: Fleet, requests: Sequence[SimRequest], seed: 
         seed=seed,
         indexer=fleet.indexer,
         router=router,
-        cached_tokens={e.pod: e.cached_tokens for e in fleet.engines},
-        approximate_lru_entries=fleet.spec.approximate_lru_entries,
+        truth={
+            pod: TruePod(engine, scheduler)
+            for pod, engine, scheduler in zip(
+                fleet.pods, fleet.engines, fleet.schedulers, strict=True
+            )
+        },
+        cost=cost,
+        approximate_lru_entries=approximate_history(fleet.spec),
     )
 
 
@@ -336,9 +395,10 @@ def simulate(
                     generation[number] += 1
         else:
             request = requests[item]
-            number = _route(fleet, policy, request, record)
+            number, expected = _route(fleet, policy, request, record)
             record.first_arrival = min(record.first_arrival, request.arrival)
             job = Job(request.request_id, request.prompt, request.output, request.arrival)
+            job.expected_cached = expected
             schedulers[number].submit(job)
             plan(number)
             if progress is not None:
@@ -350,8 +410,9 @@ def simulate(
     return record
 
 
-def _route(fleet: Fleet, policy: Policy, request: SimRequest, record: RunRecord) -> int:
-    """Decide one request's pod and record how well kvcache knew that pod's cache."""
+def _route(fleet: Fleet, policy: Policy, request: SimRequest, record: RunRecord) -> tuple[int, int]:
+    """Decide one request's pod and record how well kvcache knew that pod's cache; returns the
+    pod's fleet position and kvcache's predicted cached tokens there."""
     fleet.sync()
     keys = fleet.indexer.block_keys(request.prompt)
     loads = fleet.loads()
@@ -362,13 +423,15 @@ def _route(fleet: Fleet, policy: Policy, request: SimRequest, record: RunRecord)
     predicted = fleet.predicted_tokens(keys, len(request.prompt), pod)
     truth = fleet.engines[number].cached_tokens(request.prompt)
     record.decisions.append(Decision(fleet.now, pod, predicted, truth))
-    return number
+    return number, predicted
 
 
 __all__ = [
     "FaultAction",
     "Fleet",
     "FleetSpec",
+    "TruePod",
+    "approximate_history",
     "build_policy",
     "cost_model",
     "pod_name",

@@ -8,7 +8,8 @@
   of the pod's real cache), combined with queue and KV-usage scorers.
 * ``precise``: kvcache's scores from the engines' real events (longest cached prefix).
 * ``precise_load``: `kvcache.routing.Router` (prefix + load -> predicted TTFT, speculative).
-* ``oracle``: asks every engine what it holds right now (the ceiling for prefix routing).
+* ``oracle``: perfect knowledge of every engine's cache and queue: `precise_load`'s objective
+  (predicted TTFT + KV pressure - stickiness) computed on the true simulated state.
 
 Every policy sees the same `RouteContext`: the request, its block keys (kvcache's scheme) and
 each pod's load. Ties are broken by load, then randomly from the policy's seeded generator.
@@ -20,12 +21,12 @@ import bisect
 import hashlib
 import random
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from kvcache.indexer import Indexer
-from kvcache.routing import PodLoad, Router
+from kvcache.routing import CostModel, PodLoad, Router
 from kvcache.sim.workloads import SimRequest
 
 POLICIES: tuple[str, ...] = (
@@ -55,6 +56,20 @@ class RouteContext:
     """The prompt's block keys (kvcache's scheme: the engines' own hashes)."""
     loads: Sequence[PodLoad]
     """One per pod, in fleet order."""
+
+
+class PodView(Protocol):
+    """The oracle's view of one pod: the simulated engine and scheduler themselves."""
+
+    def cached_tokens(self, tokens: Sequence[int]) -> int:
+        """What the engine would serve from its cache for ``tokens`` right now."""
+        ...
+
+    def predict_ttft(
+        self, now: float, prompt: Sequence[int], output_len: int, cached: int
+    ) -> float:
+        """Seconds to the first token if the request were submitted now and nothing else came."""
+        ...
 
 
 class Policy(Protocol):
@@ -270,21 +285,41 @@ class PreciseLoadPolicy:
 
 
 class OraclePolicy:
-    """Perfect knowledge: every engine's cached tokens for the prompt, right now."""
+    """Perfect knowledge: every engine's cache and queue as they are, right now.
+
+    The Router's objective with nothing estimated: the true time to first token
+    (`PodView.predict_ttft`: the engine's cached tokens for the prompt, the scheduler's queue,
+    free blocks and decoders' finishing steps), plus the same KV-pressure term and minus the
+    same stickiness (for the pods truly holding the longest prefix), from ``cost``. Greedy per
+    request like every policy here: it sees the present exactly, not the requests to come, so
+    it is the ceiling of what better information buys, not of every conceivable scheduler.
+    A pure TTFT-greedy rule is no ceiling: it spreads prefixes and collapses under load.
+    """
 
     name = "oracle"
 
-    def __init__(
-        self, cached_tokens: Mapping[str, Callable[[Sequence[int]], int]], rng: random.Random
-    ):
-        self.cached_tokens = cached_tokens
+    def __init__(self, truth: Mapping[str, PodView], cost: CostModel, rng: random.Random):
+        self.truth = truth
+        self.cost = cost
         self.rng = rng
 
     def choose(self, ctx: RouteContext) -> str:
-        """The pod that would serve the most prompt tokens from its cache; ties by load."""
+        """The pod with the lowest true cost."""
         prompt = ctx.request.prompt
-        held = {load.pod: float(self.cached_tokens[load.pod](prompt)) for load in ctx.loads}
-        return _best_then_least_loaded(held, ctx.loads, self.rng)
+        output_len = len(ctx.request.output)
+        cached = {load.pod: self.truth[load.pod].cached_tokens(prompt) for load in ctx.loads}
+        longest = max(cached.values(), default=0)
+        keys: dict[str, tuple[float, int]] = {}
+        for load in ctx.loads:
+            held = cached[load.pod]
+            ttft = self.truth[load.pod].predict_ttft(ctx.now, prompt, output_len, held)
+            prefill = (len(prompt) - held) * self.cost.prefill_per_token
+            total = ttft + self.cost.pressure_seconds(prefill, load.kv_usage)
+            if longest and held == longest:
+                total -= self.cost.holder_bonus(load)
+            keys[load.pod] = (round(total, 9), -held)
+        best = min(keys.values())
+        return self.rng.choice([pod for pod, key in keys.items() if key == best])
 
 
 def make_policy(
@@ -294,7 +329,8 @@ def make_policy(
     seed: int,
     indexer: Indexer | None = None,
     router: Router | None = None,
-    cached_tokens: Mapping[str, Callable[[Sequence[int]], int]] | None = None,
+    truth: Mapping[str, PodView] | None = None,
+    cost: CostModel | None = None,
     approximate_lru_entries: int = 31_250,
     hash_prefix_tokens: int = 256,
 ) -> Policy:
@@ -319,7 +355,7 @@ def make_policy(
             raise ValueError("the precise_load policy needs a kvcache.routing.Router")
         return PreciseLoadPolicy(router)
     if name == "oracle":
-        if cached_tokens is None:
+        if truth is None:
             raise ValueError("the oracle policy needs the engines")
-        return OraclePolicy(cached_tokens, rng)
+        return OraclePolicy(truth, cost or CostModel(), rng)
     raise ValueError(f"unknown policy {name!r}: one of {', '.join(POLICIES)}")

@@ -31,8 +31,8 @@ from kvcache.sim.results import (
 from kvcache.sim.timing import parse_timing
 from kvcache.sim.workloads import WORKLOADS, SimRequest, generate, read_trace
 
-DEFAULT_QPS = (25.0, 50.0, 100.0)
-DEFAULT_REQUESTS = 800
+DEFAULT_QPS = (50.0, 100.0, 200.0)
+DEFAULT_REQUESTS = 1200
 DEMO_POLICY = "precise"
 
 

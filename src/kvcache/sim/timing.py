@@ -123,6 +123,9 @@ class Job:
     prefill_left: int = 0
     reserved_blocks: int = 0
     aborted: bool = False
+    expected_cached: int = 0
+    """Cached tokens the router expected on this pod when it routed the request (what a router
+    that tracks its decisions knows of the queue's work before admission)."""
 
 
 @dataclass(slots=True)
@@ -178,6 +181,49 @@ class PodScheduler:
         """Fraction of blocks held by running requests (cached free blocks count as free)."""
         capacity = self.engine.capacity_blocks
         return min(1.0, self.engine.used_blocks / capacity) if capacity else 0.0
+
+    @property
+    def queued_prefill_tokens(self) -> int:
+        """Prompt tokens to prefill before a new request's: what the admitted requests have left
+        and the waiting ones' expected uncached tokens."""
+        left = sum(job.prefill_left for job in self.prefilling)
+        return left + sum(len(job.prompt) - job.expected_cached for job in self.waiting)
+
+    def predict_ttft(self, now: float, *, uncached: int, blocks: int) -> float:
+        """Seconds until a request submitted now gets its first token, if nothing else arrives.
+
+        From the true state: the rest of the step in progress, then (if the pool cannot hold
+        the waiting requests' blocks and this one's ``blocks``, its new prompt blocks plus its
+        decode reserve) the steps until enough decoders finish, then the prefill work ahead
+        and its own ``uncached`` tokens in chunked steps. Steps are priced at the batch's
+        current context; the queue's cached tokens are the router's expectation.
+        """
+        timing = self.timing
+        seconds = max(0.0, self.plan.ends - now) if self.plan is not None else 0.0
+        size = self.engine.block_size
+        need = blocks
+        for job in self.waiting:
+            prompt_blocks = self._blocks(len(job.prompt))
+            need += prompt_blocks - job.expected_cached // size
+            need += self._blocks(len(job.prompt) + len(job.output)) - prompt_blocks + 1
+        free = self.engine.free_blocks - self._reserved
+        wait_steps = 0
+        if need > free:
+            # Decoders release their own blocks and their decode reserve when they finish.
+            for finish_step, _, job in sorted(self._decoding):
+                free += job.reserved_blocks + self._blocks(len(job.prompt))
+                free -= job.cached_tokens // size
+                wait_steps = finish_step - self._step
+                if free >= need:
+                    break
+        decoders = len(self._decoding)
+        context = self._context_base + decoders * self._step
+        context += sum(len(job.prompt) - job.prefill_left for job in self.prefilling)
+        step = timing.step_overhead + timing.kv_read_per_token * context
+        work = self.queued_prefill_tokens + uncached
+        budget = max(1, timing.max_batched_tokens - decoders)
+        steps = wait_steps + max(1, -(-work // budget))
+        return seconds + steps * step + work * timing.prefill_per_token
 
     @property
     def idle(self) -> bool:

@@ -59,17 +59,20 @@ NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
 class SharedPrefixShape(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """llm-d's shared-prefix benchmark (inference-perf's shared_prefix data), scaled down.
 
-    llm-d's 73-capacity run: 150 groups x 5 prompts, 6,000-token system prompt, 1,200-token
-    question, 1,000 output tokens, on 8 pods of 307k KV tokens each (the groups' prefixes need
-    2.9 pods' worth of cache; the fleet holds them 2.7 times over). The defaults keep those
-    ratios on a smaller scale (4 pods of 32k tokens: 2 pods' worth, held twice by the fleet).
+    llm-d's "73-capacity" run: 8 pods of 307,328 KV tokens; 150 groups x 5 prompts, each a
+    6,000-token group system prompt + a 1,200-token question, 1,000 output tokens. The distinct
+    prompt tokens fill 73% of the fleet's KV (each pod holds a third of the system prompts), so
+    the cache cannot hold every group on every pod, and the running requests' KV pushes cached
+    prefixes out. The defaults divide every length by the pod-capacity ratio (307,328 / 32,768
+    tokens, the simulator's default 2,048 blocks of 16) and the group count by the pod-count
+    ratio (8 / 4), which keeps the 73% and the 5 : 1 : 0.83 system : question : output ratios.
     """
 
-    groups: PositiveInt = 64
+    groups: PositiveInt = 75
     prompts_per_group: PositiveInt = 5
-    system_len: NonNegativeInt = 1024
-    question_len: PositiveInt = 192
-    output_len: PositiveInt = 160
+    system_len: NonNegativeInt = 640
+    question_len: PositiveInt = 128
+    output_len: PositiveInt = 107
 
 
 class ChatShape(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

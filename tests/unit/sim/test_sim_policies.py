@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import pytest
 
 from kvcache import Indexer, PodEntry
-from kvcache.routing import PodLoad, Router
+from kvcache.routing import CostModel, PodLoad, Router
 from kvcache.sim.policies import (
     POLICIES,
     ApproximatePolicy,
@@ -110,11 +110,39 @@ def test_precise_load_routes_through_the_router() -> None:
     assert router.statistics()["decisions"] == 1
 
 
-def test_oracle_asks_the_engines() -> None:
-    held = {"a": 32, "b": 96, "c": 96}
-    cached = {pod: (lambda tokens, n=n: n) for pod, n in held.items()}
-    policy = make_policy("oracle", pods=PODS, seed=0, cached_tokens=cached)
-    assert policy.choose(ctx([1] * 100, [(0, 0), (4, 0), (1, 0)])) == "c"
+class FakePod:
+    """A pod view with a fixed cache and a fixed wait before its prefill."""
+
+    def __init__(self, cached: int, wait: float) -> None:
+        self.cached = cached
+        self.wait = wait
+
+    def cached_tokens(self, tokens: Sequence[int]) -> int:
+        return self.cached
+
+    def predict_ttft(
+        self, now: float, prompt: Sequence[int], output_len: int, cached: int
+    ) -> float:
+        return self.wait + (len(prompt) - cached) * 0.001
+
+
+def test_oracle_minimises_true_ttft_plus_the_routers_pressure_and_stickiness() -> None:
+    cost = CostModel(prefill_per_token=0.001, kv_pressure=0.0, stickiness=0.0)
+    # a: nothing cached, idle (0.1 s); b: 96 cached but a long wait (0.2 + 0.004);
+    # c: 96 cached, short wait (0.05 + 0.004).
+    truth = {"a": FakePod(0, 0.0), "b": FakePod(96, 0.2), "c": FakePod(96, 0.05)}
+    policy = make_policy("oracle", pods=PODS, seed=0, truth=truth, cost=cost)
+    assert policy.choose(ctx([1] * 100)) == "c"
+    # A cache-only rule would still pick b or c; the oracle leaves a queue that costs more
+    # than the prefill it saves.
+    truth["c"].wait = 0.2
+    assert policy.choose(ctx([1] * 100)) == "a"
+    # With the Router's KV-pressure term a miss on a busy pool costs more than the wait.
+    busy = CostModel(prefill_per_token=0.001, kv_pressure=1.0, stickiness=0.0)
+    policy = make_policy("oracle", pods=PODS, seed=0, truth=truth, cost=busy)
+    loads = [PodLoad(p, kv_usage=0.8) for p in PODS]  # a pays 0.1 * 4 = 0.4 s of pressure
+    context = RouteContext(0.0, SimRequest("r", 0.0, [1] * 100, [1]), [], loads)
+    assert policy.choose(context) in {"b", "c"}
 
 
 def test_make_policy_names_what_is_missing() -> None:

@@ -155,3 +155,23 @@ def test_parse_timing_overrides_and_errors() -> None:
         parse_timing(["max_running=0"])
     with pytest.raises(ValueError, match="step_overhead"):
         TimingModel(step_overhead=-1.0)
+
+
+def test_queued_prefill_work_and_the_true_ttft_prediction() -> None:
+    timing = TimingModel(
+        prefill_per_token=1e-4, step_overhead=0.01, kv_read_per_token=0.0, max_running=1
+    )
+    scheduler = PodScheduler(engine(), timing)
+    # Idle pod: one step prefilling the whole prompt, as the step formula says.
+    assert scheduler.predict_ttft(0.0, uncached=100, blocks=8) == pytest.approx(0.01 + 0.01)
+    first = job("a", range(1000, 1100), output=3)
+    scheduler.submit(first)
+    scheduler.begin_step(0.0)  # admits a: 100 tokens prefilling this step
+    second = job("b", range(2000, 2064), output=3)
+    second.expected_cached = 32
+    scheduler.submit(second)  # waits: max_running 1
+    assert scheduler.queued_prefill_tokens == 0 + 32  # a's prefill is planned in the step
+    # A new request waits for the step in progress (0.02 s), then prefills b's 32 expected
+    # tokens and its own 50 in one more step.
+    predicted = scheduler.predict_ttft(0.0, uncached=50, blocks=5)
+    assert predicted == pytest.approx(0.02 + 0.01 + 82 * 1e-4)
