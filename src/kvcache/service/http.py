@@ -143,7 +143,13 @@ class HttpApp:
         try:
             if path not in OPEN_PATHS:
                 self._authorize(scope)
-            status, body, headers = await self._dispatch(path, method, scope, receive)
+            if method == "POST":
+                # The whole scoring request (body, JSON, keys, lookup) runs ahead of bulk
+                # ingest, not only the lookup: see kvcache.priority.
+                with self.indexer.read_priority.reading():
+                    status, body, headers = await self._dispatch(path, method, scope, receive)
+            else:
+                status, body, headers = await self._dispatch(path, method, scope, receive)
         except _ClientGoneError:
             return
         except _HttpError as exc:
