@@ -200,7 +200,11 @@ def _check_kvcache(objects: list[Manifest], namespace: str, tmp_path: Path) -> C
     # Ports: config == container == Service, and the Service selects these pods.
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     zmq_ports = {int(endpoint.rsplit(":", 1)[1]) for endpoint in config.events.zmq_bind}
-    assert ports == {"http": config.http.port, "zmq": min(zmq_ports)}
+    expected = {"http": config.http.port, "zmq": min(zmq_ports)}
+    if config.grpc.port is not None:  # the gRPC API, when the values turn it on
+        expected["grpc"] = config.grpc.port
+        assert config.grpc.host in ("0.0.0.0", "::"), "loopback is unreachable from other pods"
+    assert ports == expected
     assert zmq_ports == {ports["zmq"]}
     service = _only(objects, "Service", **{"app.kubernetes.io/component": KVCACHE_COMPONENT})
     assert _selects(service["spec"]["selector"], pod["metadata"]["labels"])
@@ -392,7 +396,7 @@ def test_kustomize_config_change_renames_the_config_map(tmp_path: Path) -> None:
 OVERRIDE: dict[str, Any] = {
     "fullnameOverride": "router-index",
     "replicaCount": 2,
-    "ports": {"http": 9090, "zmq": 6000},
+    "ports": {"http": 9090, "zmq": 6000, "grpc": 50051},
     "serviceAccount": {"name": "kv-reader"},
     "rbac": {"clusterWide": True},
     "config": {
@@ -421,6 +425,7 @@ def test_helm_default_values_render_kvcache_only(tmp_path: Path) -> None:
     config = _check_kvcache(objects, "llm", tmp_path)
     assert config.hashing == HashingConfig()
     assert (config.http.port, config.events.zmq_bind) == (8080, ["tcp://*:5557"])
+    assert config.grpc.port is None  # off unless ports.grpc is set
 
 
 def test_helm_overrides_render_consistently(tmp_path: Path) -> None:
@@ -431,6 +436,9 @@ def test_helm_overrides_render_consistently(tmp_path: Path) -> None:
     assert config.index.backend == "redis"
     assert config.events.shards == 2
     assert (config.http.port, config.events.zmq_bind) == (9090, ["tcp://*:6000"])
+    assert (config.grpc.host, config.grpc.port) == ("0.0.0.0", 50051)
+    service = _only(objects, "Service", **{"app.kubernetes.io/component": KVCACHE_COMPONENT})
+    assert {p["name"]: p["port"] for p in service["spec"]["ports"]}["grpc"] == 50051
     deployment = _only(objects, "Deployment", **{"app.kubernetes.io/component": KVCACHE_COMPONENT})
     assert deployment["metadata"]["name"] == "router-index"
     assert deployment["spec"]["replicas"] == 2
@@ -481,6 +489,7 @@ def test_helm_config_change_rolls_the_pods() -> None:
         ({"replicaCount": 2}, 'needs config.index.backend "redis"'),
         ({"config": {"http": {"port": 9000}}}, "set ports.http instead"),
         ({"config": {"events": {"zmq_bind": ["tcp://*:1"]}}}, "set ports.zmq instead"),
+        ({"config": {"grpc": {"port": 50051}}}, "set ports.grpc instead"),
         (
             {"config": {"hashing": {"scheme": "llmd-fnv64a"}}, "vllmExample": {"enabled": True}},
             "is not a vLLM --prefix-caching-hash-algo",

@@ -55,6 +55,15 @@ Fails on settings a deployment cannot work with.
 {{- end -}}
 {{- $_ := set $events "zmq_bind" (list (printf "tcp://*:%d" (int .Values.ports.zmq))) -}}
 {{- $_ := set $config "events" $events -}}
+{{- $grpc := deepCopy (get $config "grpc" | default dict) -}}
+{{- if or (hasKey $grpc "port") (hasKey $grpc "host") -}}
+{{- fail "config.grpc.port/host are set by the chart from ports.grpc; set ports.grpc instead" -}}
+{{- end -}}
+{{- if not (kindIs "invalid" .Values.ports.grpc) -}}
+{{- $_ := set $grpc "port" (int .Values.ports.grpc) -}}
+{{- $_ := set $grpc "host" "0.0.0.0" -}}
+{{- $_ := set $config "grpc" $grpc -}}
+{{- end -}}
 {{- $hashing := deepCopy (get $config "hashing" | default dict) -}}
 {{- if and (hasKey $hashing "seed") (not (kindIs "invalid" (get $hashing "seed"))) -}}
 {{- /* PYTHONHASHSEED is a string; YAML reads `seed: 42` as a number. */ -}}
