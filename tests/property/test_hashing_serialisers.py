@@ -24,6 +24,8 @@ from kvcache.hashing import (
     RequestExtras,
     SglangScheme,
     VllmScheme,
+)
+from kvcache.hashing.encoding import (
     _cbor_encode,
     _encode_blocks,
     _numpy_cbor,
