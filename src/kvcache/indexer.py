@@ -125,28 +125,7 @@ class Indexer:
         give ``{}``.
         """
         with self.read_priority.reading():
-            return self._score_tokens(token_ids, model, pods, lora, extra)
-
-    def _score_tokens(
-        self,
-        token_ids: Sequence[int],
-        model: str,
-        pods: Collection[str] | None,
-        lora: str | None,
-        extra: RequestExtras | None,
-    ) -> dict[str, float]:
-        if self.tracer is not None:
-            return self._traced(self.tracer, token_ids, model, pods, lora, extra, False).scores
-        started = time.perf_counter()
-        keys = self.block_keys(token_ids, model, lora=lora, extra=extra)
-        if not keys:
-            return {}
-        looking = time.perf_counter()
-        runs = self.index.lookup_runs(keys, pods or None)
-        looked = time.perf_counter()
-        scores = self.scorer.score_runs(runs)
-        self._record(keys, runs, started, looking, looked)
-        return scores
+            return self._score(token_ids, model, pods, lora, extra, False).scores
 
     def score_tokens_detailed(
         self,
@@ -163,18 +142,20 @@ class Indexer:
         only on cpu adds 0.8 to the score and 1 to the count).
         """
         with self.read_priority.reading():
-            return self._score_tokens_detailed(token_ids, model, pods, lora, extra)
+            return self._score(token_ids, model, pods, lora, extra, True)
 
-    def _score_tokens_detailed(
+    def _score(  # noqa: PLR0917 (private; mirrors the public signatures)
         self,
         token_ids: Sequence[int],
         model: str,
         pods: Collection[str] | None,
         lora: str | None,
         extra: RequestExtras | None,
+        detailed: bool,
     ) -> ScoreDetail:
+        """Keys, one lookup, scores (and with ``detailed`` the per-pod block counts)."""
         if self.tracer is not None:
-            return self._traced(self.tracer, token_ids, model, pods, lora, extra, True)
+            return self._traced(self.tracer, token_ids, model, pods, lora, extra, detailed)
         started = time.perf_counter()
         keys = self.block_keys(token_ids, model, lora=lora, extra=extra)
         if not keys:
@@ -184,8 +165,19 @@ class Indexer:
         looked = time.perf_counter()
         scores = self.scorer.score_runs(runs)
         self._record(keys, runs, started, looking, looked)
+        return self._detail(scores, runs, len(keys), detailed)
+
+    def _detail(
+        self,
+        scores: dict[str, float],
+        runs: Sequence[tuple[Collection[Any], int]],
+        blocks: int,
+        detailed: bool,
+    ) -> ScoreDetail:
+        if not detailed:
+            return ScoreDetail(scores, {}, blocks)
         counts = self._block_counter.score_runs(runs)
-        return ScoreDetail(scores, {pod: round(n) for pod, n in counts.items()}, len(keys))
+        return ScoreDetail(scores, {pod: round(n) for pod, n in counts.items()}, blocks)
 
     def _traced(  # noqa: PLR0917 (private; mirrors the public signatures)
         self,
@@ -241,10 +233,7 @@ class Indexer:
                         }
                     )
             self._record(keys, runs, started, looking, looked)
-            if not detailed:
-                return ScoreDetail(scores, {}, len(keys))
-            counts = self._block_counter.score_runs(runs)
-            return ScoreDetail(scores, {pod: round(n) for pod, n in counts.items()}, len(keys))
+            return self._detail(scores, runs, len(keys), detailed)
 
     def _record(
         self,

@@ -87,10 +87,17 @@ static int open_table(Table *t, PyObject *rows, unsigned long long cap,
     return 0;
 }
 
-static int open_keys(Py_buffer *view, PyObject *keys) {
-    if (PyObject_GetBuffer(keys, view, PyBUF_C_CONTIGUOUS) < 0) return -1;
+/* Opens the table's rows and the keys buffer; on failure nothing stays acquired. */
+static int open_batch(Table *t, Py_buffer *view, PyObject *rows, unsigned long long cap,
+                      unsigned long long seg_mask, PyObject *keys) {
+    if (open_table(t, rows, cap, seg_mask) < 0) return -1;
+    if (PyObject_GetBuffer(keys, view, PyBUF_C_CONTIGUOUS) < 0) {
+        PyBuffer_Release(&t->view);
+        return -1;
+    }
     if (view->itemsize != 8 || view->len % 8 != 0) {
         PyBuffer_Release(view);
+        PyBuffer_Release(&t->view);
         PyErr_SetString(PyExc_ValueError, "keys must be a contiguous buffer of u64");
         return -1;
     }
@@ -167,12 +174,8 @@ static PyObject *k_add(PyObject *self, PyObject *args) {
                           &fn, &now, &used, &max_used, &live, &max_live))
         return NULL;
     Table t;
-    if (open_table(&t, rows_obj, cap, seg_mask) < 0) return NULL;
     Py_buffer kv;
-    if (open_keys(&kv, keys_obj) < 0) {
-        PyBuffer_Release(&t.view);
-        return NULL;
-    }
+    if (open_batch(&t, &kv, rows_obj, cap, seg_mask, keys_obj) < 0) return NULL;
     const uint64_t *keys = (const uint64_t *)kv.buf;
     Py_ssize_t n = kv.len / 8;
     Transition tr = {.fn = fn};
@@ -258,12 +261,8 @@ static PyObject *k_remove(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "OKKOnO", &rows_obj, &cap, &seg_mask, &keys_obj, &start, &fn))
         return NULL;
     Table t;
-    if (open_table(&t, rows_obj, cap, seg_mask) < 0) return NULL;
     Py_buffer kv;
-    if (open_keys(&kv, keys_obj) < 0) {
-        PyBuffer_Release(&t.view);
-        return NULL;
-    }
+    if (open_batch(&t, &kv, rows_obj, cap, seg_mask, keys_obj) < 0) return NULL;
     const uint64_t *keys = (const uint64_t *)kv.buf;
     Py_ssize_t n = kv.len / 8;
     Transition tr = {.fn = fn};
@@ -313,12 +312,8 @@ static PyObject *k_prefix(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "OKKOkk", &rows_obj, &cap, &seg_mask, &keys_obj, &id_mask, &now))
         return NULL;
     Table t;
-    if (open_table(&t, rows_obj, cap, seg_mask) < 0) return NULL;
     Py_buffer kv;
-    if (open_keys(&kv, keys_obj) < 0) {
-        PyBuffer_Release(&t.view);
-        return NULL;
-    }
+    if (open_batch(&t, &kv, rows_obj, cap, seg_mask, keys_obj) < 0) return NULL;
     const uint64_t *keys = (const uint64_t *)kv.buf;
     Py_ssize_t n = kv.len / 8;
     PyObject *out = PyBytes_FromStringAndSize(NULL, n * 4);

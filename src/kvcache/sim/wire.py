@@ -27,7 +27,14 @@ import msgspec
 import zmq
 
 from kvcache.errors import ConfigError
-from kvcache.events.schema import AllBlocksCleared, BlockRemoved, BlockStored, Event
+from kvcache.events.schema import (
+    BLOCK_REMOVED_FIELDS,
+    BLOCK_STORED_FIELDS,
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    Event,
+)
 
 __all__ = [
     "LAYOUTS",
@@ -76,24 +83,9 @@ class WireLayout(msgspec.Struct, frozen=True):
     removed_required: int
 
 
-_STORED_ALL: Final = (
-    "block_hashes",
-    "parent_block_hash",
-    "token_ids",
-    "block_size",
-    "lora_id",
-    "medium",
-    "lora_name",
-    "extra_keys",
-    "group_idx",
-    "kv_cache_spec_kind",
-    "kv_cache_spec_sliding_window",
-    "locality",
-    "ownership",
-    "session_id",
-    "lookahead_token_ids",
-)
-_REMOVED_ALL: Final = ("block_hashes", "medium", "group_idx", "locality", "ownership")
+# vLLM's fields in wire order; the schema's last stored field (cache_salt) is SGLang's only.
+_STORED_ALL: Final = BLOCK_STORED_FIELDS[:-1]
+_REMOVED_ALL: Final = BLOCK_REMOVED_FIELDS
 
 
 def _layout(
