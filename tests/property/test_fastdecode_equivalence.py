@@ -2,16 +2,20 @@
 
 Valid batches must decode to the model the generator states, with consecutive removals of equal
 (medium, group_idx, locality, ownership) merged; anything mutated must decode exactly as the
-msgspec paths decode it, merged or not, and never raise.
+msgspec paths decode it, merged or not, and never raise. The identity-mode scan into key runs
+(`RunsMessage`) must say what the msgspec decode of the same payload means to an identity-mode
+applier, and take only payloads that decode whole.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import msgspec
+import numpy as np
 from hypothesis import HealthCheck, given, settings, target
 from hypothesis import strategies as st
 
@@ -22,11 +26,14 @@ from kvcache.events import (
     Event,
     EventBatch,
     FrameRejection,
+    Message,
+    decode_frames,
     decode_payload,
 )
 from kvcache.events import decode as decode_module
 from kvcache.events._fastdecode import scan
-from kvcache.testing.events import merge_removals
+from kvcache.events.schema import STORE_RUN, RunsMessage
+from kvcache.testing.events import identity_runs, join_runs, merge_removals
 
 U64 = (1 << 64) - 1
 SETTINGS = settings(deadline=None, max_examples=300, suppress_health_check=[HealthCheck.too_slow])
@@ -234,3 +241,111 @@ def test_random_bytes_after_a_standard_header(tail: bytes) -> None:
         scan(payload)  # must not crash or read out of bounds
         fast, slow = decode_both(payload)
         assert same_up_to_merging(fast, slow), (fast, slow)
+
+
+# --- identity mode: key runs -------------------------------------------------------------------
+
+
+def decode_runs_both(
+    payload: bytes,
+) -> tuple[Message | RunsMessage | FrameRejection, Message | FrameRejection]:
+    frames = [b"kv@10.0.0.1:8000@m", (7).to_bytes(8, "big"), payload]
+    with fast_path(True):
+        fast = decode_frames(frames, skip_tokens=True, runs=True)
+    with fast_path(False):
+        slow = decode_frames(frames)
+    return fast, slow
+
+
+def assert_runs_mean_the_batch(fast: RunsMessage, slow: Message | FrameRejection) -> None:
+    assert isinstance(slow, Message) and not slow.batch.rejected, slow
+    events = slow.batch.events
+    assert all(e.token_ids for e in events if isinstance(e, BlockStored))
+    runs = [
+        (kind, medium, group, np.frombuffer(keys, np.uint64).tolist() if keys else [])
+        for kind, medium, group, keys, _ in fast.runs
+    ]
+    assert join_runs(runs) == identity_runs(events)
+    for kind, keys, repeats in runs_with_keys(fast):
+        if kind == STORE_RUN:
+            assert repeats == (len(set(keys)) != len(keys))
+    assert fast.stored_events == sum(isinstance(e, BlockStored) for e in events)
+    assert fast.removed_events == sum(isinstance(e, BlockRemoved) for e in events)
+    ts = slow.batch.ts
+    assert fast.ts == ts or (math.isnan(fast.ts) and math.isnan(ts))
+    assert (fast.pod, fast.model, fast.seq, fast.dp_rank) == (
+        slow.pod,
+        slow.model,
+        slow.seq,
+        slow.batch.dp_rank,
+    )
+
+
+def runs_with_keys(message: RunsMessage) -> list[tuple[int, list[int], bool]]:
+    return [
+        (kind, np.frombuffer(keys, np.uint64).tolist() if keys else [], repeats)
+        for kind, _, _, keys, repeats in message.runs
+    ]
+
+
+def assert_like_the_event_path(
+    payload: bytes, fast: Message | RunsMessage | FrameRejection
+) -> None:
+    """A payload the runs scan refused decodes exactly as without it."""
+    frames = [b"kv@10.0.0.1:8000@m", (7).to_bytes(8, "big"), payload]
+    with fast_path(True):
+        assert fast == decode_frames(frames, skip_tokens=True)
+
+
+@SETTINGS
+@given(valid_batches())
+def test_valid_batches_become_key_runs_when_every_store_carries_tokens(
+    batch: tuple[bytes, list[Event], float, int | None],
+) -> None:
+    payload, expected, _, _ = batch
+    fast, slow = decode_runs_both(payload)
+    tokens_everywhere = all(e.token_ids for e in expected if isinstance(e, BlockStored))
+    assert isinstance(fast, RunsMessage) == tokens_everywhere
+    if isinstance(fast, RunsMessage):
+        assert_runs_mean_the_batch(fast, slow)
+        target(float(len(fast.runs)))
+    else:
+        assert_like_the_event_path(payload, fast)
+
+
+@SETTINGS
+@given(mutated())
+def test_mutated_batches_become_key_runs_only_when_they_decode_whole(payload: bytes) -> None:
+    fast, slow = decode_runs_both(payload)
+    if isinstance(fast, RunsMessage):
+        assert_runs_mean_the_batch(fast, slow)
+    else:
+        assert_like_the_event_path(payload, fast)
+
+
+def test_repeated_stored_keys_are_flagged_per_run() -> None:
+    def stored(hashes: list[int]) -> dict[str, Any]:
+        return {
+            "type": "BlockStored",
+            "block_hashes": hashes,
+            "parent_block_hash": None,
+            "token_ids": [1] * 16 * len(hashes),
+            "block_size": 16,
+        }
+
+    removed = {"type": "BlockRemoved", "block_hashes": [5], "medium": "GPU"}
+    payload = msgspec.msgpack.encode(
+        [1.0, [stored([0, 5]), stored([0]), removed, stored([7, 8]), stored([9, 2**64 - 1])], 0]
+    )
+    fast, slow = decode_runs_both(payload)
+    assert isinstance(fast, RunsMessage)
+    assert_runs_mean_the_batch(fast, slow)
+    assert [(kind, keys, repeats) for kind, keys, repeats in runs_with_keys(fast)] == [
+        (0, [0, 5, 0], True),  # key 0 twice: the zero key is tracked apart from free slots
+        (1, [5], False),
+        (0, [7, 8, 9, 2**64 - 1], False),
+    ]
+    many = [*range(1, 3000), 1500]  # past the scan's on-stack set
+    payload = msgspec.msgpack.encode([1.0, [stored(many)], 0])
+    fast, _ = decode_runs_both(payload)
+    assert isinstance(fast, RunsMessage) and fast.runs[0][4] is True

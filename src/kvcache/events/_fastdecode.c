@@ -391,12 +391,20 @@ static PyObject *read_uint_list(Cur *c, int cache) {
  * when the array is empty (an event that carries no tokens stays one), NULL without an
  * exception when the array is malformed or holds anything else. */
 static PyObject *skip_uint_list(Cur *c) {
-    uint64_t n, v;
+    uint64_t n;
     if (read_array(c, &n) < 0 || n > left(c)) return NULL;
     if (n == 0) return PyList_New(0);
-    for (uint64_t i = 0; i < n; i++) {
-        if (read_uint(c, &v) < 0) return NULL;
+    /* read_uint without building the value: a table step per id, no branch on its width */
+    const uint8_t *p = c->p, *end = c->end;
+    for (; n; n--) {
+        if (p >= end) return NULL;
+        uint8_t b = *p;
+        uint8_t size = uint_size[b];
+        if (size == 0 || (uint64_t)(end - p) < size) return NULL;
+        if (uint_signed[b] && (p[1] & 0x80)) return NULL;
+        p += size;
     }
+    c->p = p;
     return Py_NewRef(Py_Ellipsis);
 }
 
@@ -416,9 +424,123 @@ static int extend_hashes(const uint8_t *at, const uint8_t *end, PyObject **hashe
     return rc < 0 ? -2 : 0;
 }
 
+/* One map-form event as read by `read_event`. */
+typedef struct {
+    const uint8_t *start;          /* its first byte */
+    const uint8_t *value[K_COUNT]; /* where each known field's value starts (NULL: absent) */
+    const uint8_t *tag;            /* the "type" string */
+    uint64_t tlen;
+    const uint8_t *tokens_end;     /* just past token_ids, once read */
+} Ev;
+
+static inline int is_tag(const Ev *ev, const char *name, uint64_t len) {
+    return ev->tlen == len && memcmp(ev->tag, name, len) == 0;
+}
+#define IS_STORED(ev) is_tag((ev), "BlockStored", 11)
+#define IS_REMOVED(ev) is_tag((ev), "BlockRemoved", 12)
+#define IS_CLEARED(ev) is_tag((ev), "AllBlocksCleared", 16)
+
+/* Reads the token ids at `at` into *tokens: built (skip 0) or checked (skip 1, see
+ * skip_uint_list). Returns 0, -1 (refuse) or -2 (exception set). */
+static int tokens_at(const uint8_t *at, const uint8_t *end, int skip, PyObject **tokens,
+                     const uint8_t **after) {
+    Cur c = {at, end};
+    *tokens = skip ? skip_uint_list(&c) : read_uint_list(&c, 1);
+    if (*tokens == NULL) return PyErr_Occurred() ? -2 : -1;
+    *after = c.p;
+    return 0;
+}
+
+/* Reads the event map at c, moving c past it. When "type" says BlockStored before
+ * "token_ids" comes (as vLLM sends it), the token ids are read in the same pass into *tokens.
+ * Returns 0, -1 (refuse: not the common layout) or -2 (exception set). */
+static int read_event(Cur *c, Ev *ev, int skip_tokens, PyObject **tokens) {
+    uint64_t pairs;
+    memset(ev, 0, sizeof *ev);
+    ev->start = c->p;
+    if (read_map(c, &pairs) < 0 || pairs > left(c) / 2) return -1;
+    for (uint64_t i = 0; i < pairs; i++) {
+        const uint8_t *k;
+        uint64_t klen;
+        if (read_str(c, &k, &klen) < 0) return -1; /* msgspec wants str keys */
+        int id = key_id(k, klen);
+        if (id >= 0) {
+            /* msgspec keeps the last of duplicate fields, or rejects a second "type": rare
+               enough to leave to it. */
+            if (ev->value[id] != NULL) return -1;
+            ev->value[id] = c->p;
+        }
+        if (id == K_TYPE) {
+            if (read_str(c, &ev->tag, &ev->tlen) < 0) return -1;
+        } else if (id == K_TOKENS && ev->tag != NULL && IS_STORED(ev)) {
+            int rc = tokens_at(c->p, c->end, skip_tokens, tokens, &ev->tokens_end);
+            if (rc < 0) return rc;
+            c->p = ev->tokens_end;
+        } else if (skip(c) < 0) {
+            return -1;
+        }
+    }
+    return ev->tag == NULL ? -1 : 0;
+}
+
+/* The token ids of a BlockStored read by `read_event` (or now, when "type" came after
+ * "token_ids"). Returns 0, -1 (refuse: token_ids is required) or -2 (exception set). */
+static int stored_tokens(Ev *ev, const uint8_t *end, int skip, PyObject **tokens) {
+    if (ev->value[K_TOKENS] == NULL) return -1;
+    if (*tokens != NULL) return 0;
+    return tokens_at(ev->value[K_TOKENS], end, skip, tokens, &ev->tokens_end);
+}
+
 static inline void put(uint8_t **out, const uint8_t *from, const uint8_t *to) {
     memcpy(*out, from, (size_t)(to - from));
     *out += to - from;
+}
+
+/* The payload's bytes: 1, or 0 when it is no contiguous buffer (the Python paths report it),
+ * -1 with an exception set. */
+static int get_payload(PyObject *arg, Py_buffer *view) {
+    if (PyObject_GetBuffer(arg, view, PyBUF_SIMPLE) == 0) return 1;
+    if (PyErr_ExceptionMatches(PyExc_TypeError) || PyErr_ExceptionMatches(PyExc_BufferError)) {
+        PyErr_Clear();
+        return 0;
+    }
+    return -1;
+}
+
+/* After the events: the optional rank (into *rank, None when absent or nil), no trailing
+ * bytes (msgspec refuses those), and the `copied` events at `out` made a msgpack array (or
+ * *others None when there are none). Returns 0, -1 (refuse) or -2 (exception set). */
+static int finish_batch(Cur *c, uint64_t top, PyObject **rank, PyObject **others,
+                        const uint8_t *out, uint64_t copied) {
+    uint64_t r;
+    if (top == 3) {
+        if (is_nil(c)) {
+            c->p++;
+        } else if (read_uint(c, &r) == 0) {
+            *rank = PyLong_FromUnsignedLongLong(r);
+            if (*rank == NULL) return -2;
+        } else {
+            return -1;
+        }
+    }
+    if (c->p != c->end) return -1;
+    if (*rank == NULL) *rank = Py_NewRef(Py_None);
+    if (!copied) {
+        Py_SETREF(*others, Py_NewRef(Py_None));
+        return 0;
+    }
+    uint8_t *head = (uint8_t *)PyBytes_AS_STRING(*others);
+    head[0] = 0xdd; /* array32 */
+    for (int i = 0; i < 4; i++) head[1 + i] = (uint8_t)(copied >> (24 - 8 * i));
+    return _PyBytes_Resize(others, (Py_ssize_t)(out - head)) < 0 ? -2 : 0;
+}
+
+/* On an error: None when it is a str field that is not UTF-8 (the payload's fault, which
+ * msgspec rejects too; the Python paths report it), else NULL with the error kept. */
+static PyObject *none_if_bad_utf8(void) {
+    if (!PyErr_ExceptionMatches(PyExc_UnicodeDecodeError)) return NULL;
+    PyErr_Clear();
+    return Py_NewRef(Py_None);
 }
 
 PyDoc_STRVAR(scan_doc,
@@ -443,14 +565,8 @@ static PyObject *f_scan(PyObject *self, PyObject *args) {
         if (int_cache == NULL) return PyErr_NoMemory();
     }
     Py_buffer view;
-    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0) {
-        /* Not a contiguous buffer: the Python paths report it. */
-        if (PyErr_ExceptionMatches(PyExc_TypeError) || PyErr_ExceptionMatches(PyExc_BufferError)) {
-            PyErr_Clear();
-            Py_RETURN_NONE;
-        }
-        return NULL;
-    }
+    int got = get_payload(arg, &view);
+    if (got <= 0) return got < 0 ? NULL : Py_NewRef(Py_None);
     const uint8_t *base = (const uint8_t *)view.buf;
     const uint8_t *end = base + view.len;
     Cur c = {base, end};
@@ -458,9 +574,10 @@ static PyObject *f_scan(PyObject *self, PyObject *args) {
     PyObject *rank = NULL;
     RunKey run = {{NULL, 0}, {NULL, 0}, {NULL, 0}, {0, 0}};
     Py_ssize_t merged = 0;
-    uint64_t top, count, copied = 0, r = 0;
+    uint64_t top, count, copied = 0;
     uint8_t *out = NULL;
     double ts;
+    int rc;
 
     if (read_array(&c, &top) < 0 || top < 2 || top > 3) goto refuse;
     if (read_float(&c, &ts) < 0) goto refuse;
@@ -473,37 +590,14 @@ static PyObject *f_scan(PyObject *self, PyObject *args) {
     out = (uint8_t *)PyBytes_AS_STRING(others) + 5;
 
     for (uint64_t e = 0; e < count; e++) {
-        const uint8_t *start = c.p;
-        const uint8_t *value[K_COUNT] = {NULL};
-        const uint8_t *tokens_end = NULL;
-        const uint8_t *tag = NULL;
-        uint64_t tlen = 0, pairs;
-        if (read_map(&c, &pairs) < 0 || pairs > left(&c) / 2) goto refuse;
-        for (uint64_t i = 0; i < pairs; i++) {
-            const uint8_t *k;
-            uint64_t klen;
-            if (read_str(&c, &k, &klen) < 0) goto refuse; /* msgspec wants str keys */
-            int id = key_id(k, klen);
-            if (id >= 0) {
-                /* msgspec keeps the last of duplicate fields, or rejects a second "type":
-                   rare enough to leave to it. */
-                if (value[id] != NULL) goto refuse;
-                value[id] = c.p;
-            }
-            if (id == K_TYPE) {
-                if (read_str(&c, &tag, &tlen) < 0) goto refuse;
-            } else if (id == K_TOKENS && tlen == 11 && memcmp(tag, "BlockStored", 11) == 0) {
-                /* "type" came first (as vLLM sends it): read the tokens in this pass. */
-                tokens = skip_tokens ? skip_uint_list(&c) : read_uint_list(&c, 1);
-                if (tokens == NULL) goto refuse_or_error;
-                tokens_end = c.p;
-            } else if (skip(&c) < 0) {
-                goto refuse;
-            }
-        }
-        if (tag == NULL) goto refuse;
+        Ev ev;
+        rc = read_event(&c, &ev, skip_tokens, &tokens);
+        if (rc == -1) goto refuse;
+        if (rc < 0) goto error;
+        const uint8_t *start = ev.start;
+        const uint8_t *const *value = ev.value;
 
-        if (tlen == 12 && memcmp(tag, "BlockRemoved", 12) == 0) {
+        if (IS_REMOVED(&ev)) {
             RunKey key;
             if (value[K_HASHES] == NULL || opt_str(value[K_MEDIUM], end, &key.medium) < 0 ||
                 opt_uint(value[K_GROUP], end, &key.group) < 0 ||
@@ -516,28 +610,24 @@ static PyObject *f_scan(PyObject *self, PyObject *args) {
                 if (close_run(items, &hashes, &run) < 0) goto error;
                 run = key;
             }
-            int rc = extend_hashes(value[K_HASHES], end, &hashes);
+            rc = extend_hashes(value[K_HASHES], end, &hashes);
             if (rc == -1) goto refuse;
             if (rc < 0) goto error;
             continue;
         }
         if (close_run(items, &hashes, &run) < 0) goto error;
-        if (tlen == 11 && memcmp(tag, "BlockStored", 11) == 0) {
-            if (value[K_TOKENS] == NULL) goto refuse; /* required */
-            if (tokens == NULL) { /* "type" came after "token_ids" */
-                Cur tc = {value[K_TOKENS], end};
-                tokens = skip_tokens ? skip_uint_list(&tc) : read_uint_list(&tc, 1);
-                if (tokens == NULL) goto refuse_or_error;
-                tokens_end = tc.p;
-            }
+        if (IS_STORED(&ev)) {
+            rc = stored_tokens(&ev, end, skip_tokens, &tokens);
+            if (rc == -1) goto refuse;
+            if (rc < 0) goto error;
             /* The event with "token_ids": [] for msgspec; the list goes in items. */
             put(&out, start, value[K_TOKENS]);
             *out++ = 0x90;
-            put(&out, tokens_end, c.p);
-            int rc = PyList_Append(items, tokens);
+            put(&out, ev.tokens_end, c.p);
+            rc = PyList_Append(items, tokens);
             Py_CLEAR(tokens);
             if (rc < 0) goto error;
-        } else if (tlen == 16 && memcmp(tag, "AllBlocksCleared", 16) == 0) {
+        } else if (IS_CLEARED(&ev)) {
             put(&out, start, c.p);
             if (PyList_Append(items, Py_None) < 0) goto error;
         } else {
@@ -547,37 +637,14 @@ static PyObject *f_scan(PyObject *self, PyObject *args) {
     }
     if (close_run(items, &hashes, &run) < 0) goto error;
 
-    if (top == 3) {
-        if (is_nil(&c)) {
-            c.p++;
-        } else if (read_uint(&c, &r) == 0) {
-            rank = PyLong_FromUnsignedLongLong(r);
-            if (rank == NULL) goto error;
-        } else {
-            goto refuse;
-        }
-    }
-    if (c.p != end) goto refuse; /* trailing bytes: msgspec refuses the payload */
-    if (rank == NULL) rank = Py_NewRef(Py_None);
-    if (copied) {
-        uint8_t *head = (uint8_t *)PyBytes_AS_STRING(others);
-        head[0] = 0xdd; /* array32 */
-        for (int i = 0; i < 4; i++) head[1 + i] = (uint8_t)(copied >> (24 - 8 * i));
-        if (_PyBytes_Resize(&others, (Py_ssize_t)(out - head)) < 0) goto error;
-    } else {
-        Py_SETREF(others, Py_NewRef(Py_None));
-    }
+    rc = finish_batch(&c, top, &rank, &others, out, copied);
+    if (rc == -1) goto refuse;
+    if (rc < 0) goto error;
     result = Py_BuildValue("dOOnO", ts, rank, items, merged, others);
     goto done;
 
-refuse_or_error:
-    if (!PyErr_Occurred()) goto refuse;
 error:
-    /* A str field that is not UTF-8 is the payload's fault (msgspec rejects it too). */
-    if (PyErr_ExceptionMatches(PyExc_UnicodeDecodeError)) {
-        PyErr_Clear();
-        goto refuse;
-    }
+    result = none_if_bad_utf8();
     goto done;
 refuse:
     result = Py_NewRef(Py_None);
@@ -591,8 +658,243 @@ done:
     return result;
 }
 
+/* ------------------------------------------------------------------------------------------
+ * scan_runs: the same layout for a pod in identity mode, whose block hashes are index keys as
+ * they are. The applier then needs no event objects at all, only, in order, the runs of keys to
+ * add and to remove per (medium, group) and the clears: they come as native u64 bytes, which
+ * the index takes without building a Python int per key.
+ * ---------------------------------------------------------------------------------------- */
+
+enum { OP_STORE = 0, OP_REMOVE = 1, OP_CLEAR = 2 };
+
+/* The keys of the run being built (a growable u64 array). */
+typedef struct {
+    uint64_t *v;
+    size_t n, cap;
+} Keys;
+
+/* Appends the u64 array at `at` to keys. Returns 0, -1 (refuse: malformed or not all u64) or
+ * -2 (exception set); *after is just past the array. */
+static int read_keys(const uint8_t *at, const uint8_t *end, Keys *k, const uint8_t **after) {
+    Cur c = {at, end};
+    uint64_t n;
+    if (read_array(&c, &n) < 0 || n > left(&c)) return -1;
+    if (k->n + n > k->cap) {
+        size_t cap = k->cap ? k->cap : 256;
+        while (cap < k->n + n) cap *= 2;
+        uint64_t *grown = PyMem_Realloc(k->v, cap * sizeof(uint64_t));
+        if (grown == NULL) {
+            PyErr_NoMemory();
+            return -2;
+        }
+        k->v = grown;
+        k->cap = cap;
+    }
+    for (uint64_t i = 0; i < n; i++) {
+        if (read_uint(&c, &k->v[k->n + i]) < 0) return -1;
+    }
+    k->n += n;
+    *after = c.p;
+    return 0;
+}
+
+/* Whether some key occurs twice (an engine can store one block twice in a batch: the applier
+ * then counts copies). An open-addressing set; keys are hashes, so their top bits spread. */
+static int has_repeat(const uint64_t *v, size_t n, int *repeat) {
+    uint64_t local[1024];
+    int bits = 1;
+    while (((size_t)1 << bits) < 2 * n) bits++;
+    size_t size = (size_t)1 << bits, mask = size - 1;
+    uint64_t *table = size <= 1024 ? local : PyMem_Malloc(size * sizeof(uint64_t));
+    if (table == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    memset(table, 0, size * sizeof(uint64_t)); /* 0 marks a free slot; key 0 is tracked apart */
+    int zero = 0;
+    *repeat = 0;
+    for (size_t i = 0; i < n && !*repeat; i++) {
+        uint64_t key = v[i];
+        if (key == 0) {
+            *repeat = zero;
+            zero = 1;
+            continue;
+        }
+        size_t at = (size_t)((key * 0x9E3779B97F4A7C15ull) >> (64 - bits)) & mask;
+        while (table[at] != 0 && table[at] != key) at = (at + 1) & mask;
+        *repeat = table[at] == key;
+        table[at] = key;
+    }
+    if (table != local) PyMem_Free(table);
+    return 0;
+}
+
+/* Appends (kind, medium, group_idx, keys as native u64 bytes, repeats) for the run being built
+ * (if any) to ops and empties it. */
+static int close_op(PyObject *ops, int *kind, const RunKey *key, Keys *keys) {
+    if (*kind < 0) return 0;
+    int repeat = 0;
+    if (*kind == OP_STORE && keys->n > 1 && has_repeat(keys->v, keys->n, &repeat) < 0) return -1;
+    PyObject *medium = str_or_none(&key->medium);
+    PyObject *group = key->group.present ? PyLong_FromUnsignedLongLong(key->group.v)
+                                         : Py_NewRef(Py_None);
+    PyObject *bytes = PyBytes_FromStringAndSize((const char *)keys->v,
+                                                (Py_ssize_t)(keys->n * sizeof(uint64_t)));
+    PyObject *op = NULL;
+    if (medium && group && bytes)
+        op = Py_BuildValue("iOOOO", *kind, medium, group, bytes, repeat ? Py_True : Py_False);
+    Py_XDECREF(medium);
+    Py_XDECREF(group);
+    Py_XDECREF(bytes);
+    keys->n = 0;
+    *kind = -1;
+    if (op == NULL) return -1;
+    int rc = PyList_Append(ops, op);
+    Py_DECREF(op);
+    return rc;
+}
+
+/* Copies the event at [from, to) to out with the arrays at a and b (in either order, each
+ * [start, end)) replaced by empty ones. */
+static void put_without(uint8_t **out, const uint8_t *from, const uint8_t *to,
+                        const uint8_t *a, const uint8_t *a_end, const uint8_t *b,
+                        const uint8_t *b_end) {
+    if (b < a) {
+        const uint8_t *t = a, *t_end = a_end;
+        a = b, a_end = b_end, b = t, b_end = t_end;
+    }
+    put(out, from, a);
+    *(*out)++ = 0x90;
+    put(out, a_end, b);
+    *(*out)++ = 0x90;
+    put(out, b_end, to);
+}
+
+PyDoc_STRVAR(scan_runs_doc,
+"scan_runs(payload, /) -> (ts, dp_rank, ops, stored_events, removed_events, others) | None\n\n"
+"Decode a batch of map-form events of a pod in identity mode. ops, in order: one\n"
+"(kind, medium, group_idx, keys, repeats) per run of consecutive BlockStored (kind 0) or\n"
+"BlockRemoved (kind 1) events naming the same medium and group_idx (and, for removals,\n"
+"locality and ownership), keys their block hashes as native-endian u64 bytes, repeats\n"
+"whether a stored key occurs twice in the run; (2, None, None, None, False) per\n"
+"AllBlocksCleared. BlockStored events with no hashes add nothing (they still count). Token\n"
+"ids are checked, never built. others is a msgpack array of the BlockStored (with empty\n"
+"block_hashes and token_ids) and AllBlocksCleared events for msgspec to validate, or None.\n"
+"None when the payload is not in the common layout, or holds a BlockStored without token\n"
+"ids (an offload tier's store: the applier treats those apart).");
+
+static PyObject *f_scan_runs(PyObject *self, PyObject *arg) {
+    (void)self;
+    Py_buffer view;
+    int got = get_payload(arg, &view);
+    if (got <= 0) return got < 0 ? NULL : Py_NewRef(Py_None);
+    const uint8_t *base = (const uint8_t *)view.buf;
+    const uint8_t *end = base + view.len;
+    Cur c = {base, end};
+    PyObject *ops = NULL, *tokens = NULL, *others = NULL, *result = NULL, *rank = NULL;
+    Keys keys = {NULL, 0, 0};
+    RunKey run = {{NULL, 0}, {NULL, 0}, {NULL, 0}, {0, 0}};
+    int kind = -1;
+    Py_ssize_t stored = 0, removed = 0;
+    uint64_t top, count, copied = 0;
+    uint8_t *out = NULL;
+    double ts;
+    int rc;
+
+    if (read_array(&c, &top) < 0 || top < 2 || top > 3) goto refuse;
+    if (read_float(&c, &ts) < 0) goto refuse;
+    if (read_array(&c, &count) < 0 || count > left(&c)) goto refuse;
+    ops = PyList_New(0);
+    others = PyBytes_FromStringAndSize(NULL, view.len + 5); /* copies only shrink */
+    if (ops == NULL || others == NULL) goto error;
+    out = (uint8_t *)PyBytes_AS_STRING(others) + 5;
+
+    for (uint64_t e = 0; e < count; e++) {
+        Ev ev;
+        rc = read_event(&c, &ev, 1, &tokens);
+        if (rc == -1) goto refuse;
+        if (rc < 0) goto error;
+        const uint8_t *const *value = ev.value;
+        RunKey key = {{NULL, 0}, {NULL, 0}, {NULL, 0}, {0, 0}};
+        int this_kind;
+        if (IS_REMOVED(&ev)) {
+            this_kind = OP_REMOVE;
+            removed++;
+            if (opt_str(value[K_LOCALITY], end, &key.locality) < 0 ||
+                opt_str(value[K_OWNERSHIP], end, &key.ownership) < 0)
+                goto refuse;
+        } else if (IS_STORED(&ev)) {
+            this_kind = OP_STORE;
+            stored++;
+            rc = stored_tokens(&ev, end, 1, &tokens);
+            if (rc == -1) goto refuse;
+            if (rc < 0) goto error;
+            int without = tokens != Py_Ellipsis; /* an empty list: no token ids */
+            Py_CLEAR(tokens);
+            if (without) goto refuse;
+        } else if (IS_CLEARED(&ev)) {
+            if (close_op(ops, &kind, &run, &keys) < 0) goto error;
+            PyObject *op = Py_BuildValue("iOOOO", OP_CLEAR, Py_None, Py_None, Py_None, Py_False);
+            if (op == NULL) goto error;
+            rc = PyList_Append(ops, op);
+            Py_DECREF(op);
+            if (rc < 0) goto error;
+            put(&out, ev.start, c.p);
+            copied++;
+            continue;
+        } else {
+            goto refuse; /* unknown tag: the Python paths reject that one event */
+        }
+        if (value[K_HASHES] == NULL || opt_str(value[K_MEDIUM], end, &key.medium) < 0 ||
+            opt_uint(value[K_GROUP], end, &key.group) < 0)
+            goto refuse;
+        Cur h = {value[K_HASHES], end};
+        uint64_t n;
+        if (read_array(&h, &n) < 0) goto refuse;
+        const uint8_t *hashes_end = h.p; /* right for an empty array */
+        if (n > 0) { /* an event without hashes changes nothing: it neither opens nor ends a run */
+            if (kind != this_kind || !same_run(&run, &key)) {
+                if (close_op(ops, &kind, &run, &keys) < 0) goto error;
+                kind = this_kind;
+                run = key;
+            }
+            rc = read_keys(value[K_HASHES], end, &keys, &hashes_end);
+            if (rc == -1) goto refuse;
+            if (rc < 0) goto error;
+        }
+        if (this_kind == OP_STORE) {
+            /* msgspec still checks every other field, as it would decode the event */
+            put_without(&out, ev.start, c.p, value[K_HASHES], hashes_end, value[K_TOKENS],
+                        ev.tokens_end);
+            copied++;
+        }
+    }
+    if (close_op(ops, &kind, &run, &keys) < 0) goto error;
+
+    rc = finish_batch(&c, top, &rank, &others, out, copied);
+    if (rc == -1) goto refuse;
+    if (rc < 0) goto error;
+    result = Py_BuildValue("dOOnnO", ts, rank, ops, stored, removed, others);
+    goto done;
+
+error:
+    result = none_if_bad_utf8();
+    goto done;
+refuse:
+    result = Py_NewRef(Py_None);
+done:
+    PyMem_Free(keys.v);
+    Py_XDECREF(rank);
+    Py_XDECREF(tokens);
+    Py_XDECREF(ops);
+    Py_XDECREF(others);
+    PyBuffer_Release(&view);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"scan", f_scan, METH_VARARGS, scan_doc},
+    {"scan_runs", f_scan_runs, METH_O, scan_runs_doc},
     {NULL, NULL, 0, NULL},
 };
 

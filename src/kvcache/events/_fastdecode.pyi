@@ -13,3 +13,11 @@ skipped); or None for the next AllBlocksCleared of ``others``."""
 def scan(
     payload: object, skip_tokens: bool = False, /
 ) -> tuple[float, int | None, list[Item], int, bytes | None] | None: ...
+
+KeyRun = tuple[int, str | None, int | None, bytes | None, bool]
+"""(kind, medium, group_idx, keys as native u64 bytes, whether a stored key repeats); see
+`kvcache.events.schema.KeyRun`."""
+
+def scan_runs(
+    payload: object, /
+) -> tuple[float, int | None, list[KeyRun], int, int, bytes | None] | None: ...

@@ -17,17 +17,22 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
+
+import numpy as np
 
 from kvcache.blocks import GPU, KeyType, PodEntry
 from kvcache.errors import KVCacheError, UnknownKeyError
 from kvcache.events.schema import (
+    CLEAR,
+    STORE_RUN,
     TOKENS_OMITTED,
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,
     FrameRejection,
     Message,
+    RunsMessage,
 )
 from kvcache.events.sequence import SequenceTracker, SeqVerdict
 from kvcache.hashing import (
@@ -206,7 +211,7 @@ class EventApplier:
 
     # -- entry points -------------------------------------------------------------------------
 
-    def apply(self, message: Message | FrameRejection) -> None:
+    def apply(self, message: Message | RunsMessage | FrameRejection) -> None:
         """Apply one decoded ZMQ message (or count a rejected one)."""
         try:
             self._apply(message)
@@ -215,8 +220,15 @@ class EventApplier:
             # for ingest to catch up) must also see the message's effect on the index.
             self.stats.messages += 1
 
-    def _apply(self, message: Message | FrameRejection) -> None:
+    def _apply(self, message: Message | RunsMessage | FrameRejection) -> None:
         stats = self.stats
+        if isinstance(message, RunsMessage):
+            # Decoded so only for a pod in identity mode, never with dp_rank_in_pod_id (see
+            # skip_tokens_for): the pod is the publisher.
+            pod = message.pod
+            if not self._observe_seq(pod, message.dp_rank, message.seq, pod, message.ts):
+                self._apply_runs(message)
+            return
         if isinstance(message, FrameRejection):
             stats.frames_rejected[message.reason] += 1
             log.warning(
@@ -294,6 +306,35 @@ class EventApplier:
             stats.events_applied["BlockStored"] += stored
         if removed:
             stats.events_applied["BlockRemoved"] += removed
+
+    def _apply_runs(self, message: RunsMessage) -> None:
+        """An identity-mode message as runs of keys: one index call per run, no events."""
+        stats = self.stats
+        pod = message.pod
+        state = self.pods.get(pod)
+        if state is None:  # pragma: no cover - only pods in identity mode are decoded so
+            state = self.pods[pod] = PodState(pod)
+        for kind, medium, group, keys, repeats in message.runs:
+            try:
+                if kind == CLEAR:
+                    self._clear(state)
+                    stats.events_applied["AllBlocksCleared"] += 1
+                    continue
+                # the index takes u64 arrays as they are (Sequence[int] by the protocol)
+                array = cast("Sequence[int]", np.frombuffer(cast(bytes, keys), dtype=np.uint64))
+                entry = state.entry(medium, group)
+                if kind != STORE_RUN:
+                    self._evict_run(state, entry, array)
+                elif state.mode is HashMode.IDENTITY:
+                    self._add_run(state, entry, array, repeats)
+                else:  # pragma: no cover - the decision and the apply run under one lock
+                    stats.blocks_skipped["tokens_omitted"] += len(array)
+            except KVCacheError as exc:
+                self._reject_unapplicable(pod, message.seq, exc)
+        if message.stored_events:
+            stats.events_applied["BlockStored"] += message.stored_events
+        if message.removed_events:
+            stats.events_applied["BlockRemoved"] += message.removed_events
 
     def _reject_unapplicable(self, pod: str, seq: int, exc: KVCacheError) -> None:
         self._pending = []
@@ -428,12 +469,18 @@ class EventApplier:
         self._pending = []
         if self._pending_removal:
             self._evict_run(state, entry, keys)
-            return
+        else:
+            self._add_run(state, entry, keys, len(set(keys)) != len(keys))
+
+    def _add_run(
+        self, state: PodState, entry: PodEntry, keys: Sequence[int], repeats: bool
+    ) -> None:
+        """Index a run of stored keys (identity mode); ``repeats``: some key occurs twice."""
         self.stats.blocks_stored += len(keys)
         copies = state.copies
-        if len(set(keys)) != len(keys):
+        if repeats:
             # The same block stored twice within one message: the second is another copy.
-            counts = Counter(keys)
+            counts = Counter(keys.tolist() if isinstance(keys, np.ndarray) else keys)
             for key, count in counts.items():
                 if count > 1:
                     copies[(key, entry)] += count - 1
@@ -563,12 +610,12 @@ class EventApplier:
             state, state.entry(event.medium, event.group_idx), event.block_hashes, removal=True
         )
 
-    def _evict_run(self, state: PodState, entry: PodEntry, keys: list[int]) -> None:
+    def _evict_run(self, state: PodState, entry: PodEntry, keys: Sequence[int]) -> None:
         self.stats.blocks_removed += len(keys)
         copies = state.copies
         if copies:
             kept = []
-            for key in keys:
+            for key in keys.tolist() if isinstance(keys, np.ndarray) else keys:
                 held = copies.get((key, entry), 0)
                 if held:
                     # Another physical copy of the same block is still resident on the pod.
@@ -580,7 +627,7 @@ class EventApplier:
                 kept.append(key)
             keys = kept
         key_type = KeyType.ENGINE if state.mode is HashMode.DUAL else KeyType.REQUEST
-        if keys:
+        if len(keys):
             self.index.evict_many(keys, key_type, (entry,))
 
     def _clear(self, state: PodState) -> None:

@@ -17,6 +17,11 @@ decode attempt:
    counts the events folded away. For an index the merged batch means the same evictions in
    the same order. Anything the scan is not sure msgspec would decode the same way (other hash
    forms, duplicate fields, unknown tags...) falls through to path 1.
+   For a pod in identity mode (``decode_frames(..., skip_tokens=..., runs=True)``, which the
+   ingest pipeline asks for) a sibling scan goes further: its hashes are the index keys, so
+   the batch becomes a `RunsMessage`, runs of keys to add and to remove as native u64 bytes,
+   with no event objects and no Python int per key. The stored events, stripped of hashes and
+   tokens, still go through msgspec, so a payload is taken only when every event would decode.
 1. **Direct.** A peek at the standard header (``[ts float64, [event, ...], rank]``) says the
    events are maps: decode the batch straight into the model classes. This is every vLLM >= 0.24
    batch with the default u64 hashes, and needs no Python per event at all.
@@ -41,7 +46,7 @@ model.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Final, TypeAlias, cast
+from typing import Any, Final, Literal, TypeAlias, cast, overload
 
 import msgspec
 
@@ -71,6 +76,7 @@ from kvcache.events.schema import (
     Message,
     Rejection,
     ReplayEnd,
+    RunsMessage,
     WireArrayAllBlocksCleared,
     WireArrayBlockRemoved,
     WireArrayBlockStored,
@@ -137,6 +143,9 @@ _with_tokens: Final = msgspec.structs.replace
 _scan: Final[list[Callable[[Any], Any] | None]] = [
     _fastdecode.scan if FAST_PATH_AVAILABLE else None
 ]
+_scan_runs: Final[list[Callable[[Any], Any] | None]] = [
+    _fastdecode.scan_runs if FAST_PATH_AVAILABLE else None
+]
 
 # Parsed topics by raw frame: a pod sends the same topic on every message.
 _topic_cache: dict[bytes, tuple[str, str | None]] = {}
@@ -152,6 +161,7 @@ def set_fast_path(enabled: bool) -> bool:
         raise ConfigError("fast_path", "the compiled decoder was not built in this install")
     previous = _scan[0] is not None
     _scan[0] = _fastdecode.scan if enabled else None
+    _scan_runs[0] = _fastdecode.scan_runs if enabled else None
     return previous
 
 
@@ -619,18 +629,42 @@ def decode_payload(payload: BytesLike) -> EventBatch | FrameRejection:
 # --------------------------------------------------------------------------------------------
 
 
+def _runs_message(
+    scan_runs: Callable[[Any], Any], pod: str, model: str | None, seq: int, payload: BytesLike
+) -> RunsMessage | None:
+    """The compiled scan into key runs (identity mode), or None to decode events as usual."""
+    scanned = scan_runs(payload)
+    if scanned is None:
+        return None
+    ts, rank, runs, stored, removed, others = scanned
+    if others is not None:
+        # The stored events without their hashes and tokens: msgspec checks the other fields
+        # exactly as it would for the event path (which then rejects what it refuses).
+        try:
+            _EVENT_LIST.decode(others)
+        except _DECODE_ERRORS:
+            return None
+    return RunsMessage(pod, model, seq, ts, rank, runs, stored, removed)
+
+
 def _message(
     pod: str,
     model: str | None,
     seq_frame: BytesLike,
     payload: BytesLike,
     skip_tokens: bool | Callable[[str], bool] = False,
-) -> Message | FrameRejection:
+    *,
+    runs: bool = False,
+) -> Message | RunsMessage | FrameRejection:
     if len(seq_frame) != _SEQ_LEN:
         detail = f"seq frame has {len(seq_frame)} bytes, expected {_SEQ_LEN}"
         return FrameRejection(BAD_SEQ, detail, pod, model)
     seq = int.from_bytes(seq_frame, "big")
     skip = skip_tokens if skip_tokens.__class__ is bool else skip_tokens(pod)  # type: ignore[operator]
+    if skip and runs and (scan_runs := _scan_runs[0]) is not None:
+        fast = _runs_message(scan_runs, pod, model, seq, payload)
+        if fast is not None:
+            return fast
     result = _decode_batch(payload, bool(skip))
     if result.__class__ is EventBatch:
         return Message(pod, model, seq, result)
@@ -638,16 +672,35 @@ def _message(
     return FrameRejection(reason, detail, pod, model, seq)
 
 
+@overload
 def decode_frames(
-    frames: Sequence[Any], *, skip_tokens: bool | Callable[[str], bool] = False
-) -> Message | FrameRejection:
+    frames: Sequence[Any],
+    *,
+    skip_tokens: bool | Callable[[str], bool] = False,
+    runs: Literal[False] = False,
+) -> Message | FrameRejection: ...
+
+
+@overload
+def decode_frames(
+    frames: Sequence[Any], *, skip_tokens: bool | Callable[[str], bool] = False, runs: bool
+) -> Message | RunsMessage | FrameRejection: ...
+
+
+def decode_frames(
+    frames: Sequence[Any],
+    *,
+    skip_tokens: bool | Callable[[str], bool] = False,
+    runs: bool = False,
+) -> Message | RunsMessage | FrameRejection:
     """Decode a live message ``[topic, seq (8 bytes big-endian), msgpack payload]``.
 
     ``frames`` items are bytes-like (bytes, bytearray, memoryview, zmq.Frame). ``skip_tokens``
     (or a function of the pod id saying so) lets the compiled fast path check the token ids of
     stored events without building them: those events get `TOKENS_OMITTED` as ``token_ids``
     (the ingest pipeline asks for it for pods in identity mode, whose keys need no tokens).
-    Other paths ignore it.
+    Other paths ignore it. With ``runs`` too, such a message comes as a `RunsMessage` when the
+    compiled fast path takes it (the applier's identity mode needs nothing else).
     """
     if len(frames) != 3:
         return FrameRejection(FRAME_COUNT, f"expected 3 frames, got {len(frames)}")
@@ -655,7 +708,8 @@ def decode_frames(
         pod, model = _pod_and_model(_as_buffer(frames[0]))
     except UnicodeDecodeError:
         return FrameRejection(BAD_TOPIC, "topic frame is not valid UTF-8")
-    return _message(pod, model, _as_buffer(frames[1]), _as_buffer(frames[2]), skip_tokens)
+    seq_frame, payload = _as_buffer(frames[1]), _as_buffer(frames[2])
+    return _message(pod, model, seq_frame, payload, skip_tokens, runs=runs)
 
 
 def decode_replay_frames(
@@ -682,4 +736,4 @@ def decode_replay_frames(
             pod, model = _pod_and_model(buffers[1])
         except UnicodeDecodeError:
             return FrameRejection(BAD_TOPIC, "topic frame is not valid UTF-8")
-    return _message(pod, model, seq_frame, payload)
+    return cast("Message | FrameRejection", _message(pod, model, seq_frame, payload))

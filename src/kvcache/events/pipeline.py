@@ -96,7 +96,9 @@ class IngestPipeline:
             applier = self.appliers[0]
             with self._apply_lock:
                 try:
-                    applier.apply(decode_frames(frames, skip_tokens=applier.skip_tokens_for))
+                    applier.apply(
+                        decode_frames(frames, skip_tokens=applier.skip_tokens_for, runs=True)
+                    )
                 except Exception:  # a bug must not stop ingest for every other pod
                     log.exception("failed to apply a message")
             return True
@@ -184,7 +186,7 @@ class IngestPipeline:
                     continue
                 if priority is not None:
                     priority.yield_to_readers()
-                applier.apply(decode_frames(frames, skip_tokens=applier.skip_tokens_for))
+                applier.apply(decode_frames(frames, skip_tokens=applier.skip_tokens_for, runs=True))
             except Exception:  # a bug must not stop ingest for every other pod
                 log.exception("failed to apply a message")
             finally:

@@ -217,6 +217,37 @@ class Message(msgspec.Struct, frozen=True, gc=False):
     batch: EventBatch
 
 
+STORE_RUN: Final = 0
+REMOVE_RUN: Final = 1
+CLEAR: Final = 2
+
+KeyRun: TypeAlias = tuple[int, str | None, int | None, bytes | None, bool]
+"""``(kind, medium, group_idx, keys, repeats)``: `STORE_RUN` / `REMOVE_RUN` with the run's
+keys as native-endian u64 bytes and whether a stored key occurs twice; `CLEAR` with
+``(None, None, None, False)``."""
+
+
+class RunsMessage(msgspec.Struct, frozen=True, gc=False):
+    """A message of a pod in identity mode as the applier needs it: runs of keys, no events.
+
+    The decoder's compiled fast path makes these (``decode_frames(..., runs=True)``) when the
+    pod's hashes are already known to be its index keys: consecutive BlockStored events of one
+    medium and group become one run of keys to add, consecutive BlockRemoved events one run to
+    evict. Nothing about the batch is lost that identity mode uses; everything else in it was
+    validated exactly as for a `Message`.
+    """
+
+    pod: str
+    model: str | None
+    seq: int
+    ts: float
+    dp_rank: int | None
+    runs: list[KeyRun]
+    stored_events: int
+    """BlockStored events in the batch (those without hashes included)."""
+    removed_events: int
+
+
 class FrameRejection(msgspec.Struct, frozen=True, gc=False):
     """A whole message that could not be decoded.
 

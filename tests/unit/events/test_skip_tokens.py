@@ -11,7 +11,14 @@ from kvcache.config import Config
 from kvcache.events.apply import TOKENS_EVERY, EventApplier, HashMode
 from kvcache.events.decode import decode_frames
 from kvcache.events.pipeline import IngestPipeline
-from kvcache.events.schema import TOKENS_OMITTED, BlockStored, Message
+from kvcache.events.schema import (
+    TOKENS_OMITTED,
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    Event,
+    Message,
+)
 from kvcache.hashing import VllmScheme
 from kvcache.index.memory import MemoryIndex
 from kvcache.indexer import Indexer
@@ -140,3 +147,44 @@ def test_skipping_tokens_leaves_the_same_index_on_a_real_capture() -> None:
         states.append((stats["keys"], stats["entries"], pipeline.statistics()["resets"]))
     assert states[0] == states[1]
     assert sum(skipped) > len(captured)  # most messages of the skipping run had no token ids
+
+
+def test_key_runs_apply_exactly_like_the_events_they_come_from() -> None:
+    """Identity pods' messages decode to key runs (RunsMessage); the index, the copies of
+    blocks stored twice and every counter end as with the event path."""
+    a, b, c = stored(OURS, 100), stored(OURS, 300, 3), stored(OURS, 700, 1)
+    twice = BlockStored(
+        a.block_hashes + a.block_hashes[:1], None, a.token_ids + a.token_ids[:BS], BS
+    )
+    cpu = msgspec.structs.replace(b, medium="CPU", group_idx=1)
+    gone = [BlockRemoved([key], "GPU", 0) for key in a.block_hashes]
+    stream: list[list[Event]] = [
+        [c],  # carries tokens: verifies identity
+        [twice, b, cpu, BlockStored([], None, [1] * BS, BS)],
+        [*gone, c, *gone[:1]],  # the extra copy of a's first block outlives one removal
+        [b, AllBlocksCleared(), c, BlockRemoved([c.block_hashes[0]], None, None)],
+        [a, a, BlockRemoved(b.block_hashes, "cpu", 1)],
+    ]
+    results = []
+    for runs in (True, False):
+        index = MemoryIndex()
+        applier = EventApplier(index, OURS)
+        kinds = []
+        for seq, events in enumerate(stream):
+            message = decode_frames(frames(seq, *events), skip_tokens=seq > 0, runs=runs)
+            kinds.append(type(message).__name__)
+            applier.apply(message)
+        held = {
+            key: sorted(map(str, entries))
+            for key in {*a.block_hashes, *b.block_hashes, *c.block_hashes}
+            for entries in index.lookup([key])
+        }
+        stats = applier.stats
+        copies = dict(applier.pods["p:1"].copies)
+        results.append(
+            (held, copies, stats.blocks_stored, stats.blocks_removed, stats.clears,
+             dict(stats.events_applied), dict(stats.events_rejected))
+        )  # fmt: skip
+        assert kinds == (["Message"] + ["RunsMessage"] * 4 if runs else ["Message"] * 5)
+    assert results[0] == results[1]
+    assert results[0][1]  # copies were tracked on both paths
