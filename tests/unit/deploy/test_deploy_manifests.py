@@ -188,13 +188,16 @@ def _check_kvcache(objects: list[Manifest], namespace: str, tmp_path: Path) -> C
         if m["kind"] == "ConfigMap" and m["metadata"]["name"] == volume["configMap"]["name"]
     )
     text = config_map["data"][config_path.name]
-    config = Config.from_mapping(json.loads(text))
-    # The pods run `kvcache serve <args>` (the image's entrypoint): the real parser must accept
-    # the args and load the same config from the mounted file.
+    Config.from_mapping(json.loads(text))  # the file alone is a valid config
+    # The pods run `kvcache serve <args>` (the image's entrypoint) with the container's
+    # environment: the real parser must accept the args, and the effective config is the
+    # mounted file under the KVCACHE_* variables.
+    environ = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+    assert all(name.startswith("KVCACHE_") for name in environ)
     local = tmp_path / config_path.name
     local.write_text(text)
     local_args = [str(local) if arg == str(config_path) else arg for arg in args]
-    assert serve_config(build_parser().parse_args(["serve", *local_args])) == config
+    config = serve_config(build_parser().parse_args(["serve", *local_args]), environ)
     assert config.http.host in ("0.0.0.0", "::"), "loopback is unreachable from other pods"
 
     # Ports: config == container == Service, and the Service selects these pods.
@@ -372,6 +375,8 @@ def test_kustomize_example_overlay_adds_monitoring_and_a_matching_vllm(tmp_path:
     _check_service_monitor(objects, config)
     flags = _check_vllm(objects, config, namespace)
     assert flags == {"scheme": "sha256", "block_size": "16", "seed": "unset"}
+    # The gRPC component: listening on all interfaces, port opened on the pod and the Service.
+    assert (config.grpc.host, config.grpc.port) == ("0.0.0.0", 9090)
 
 
 def test_kustomize_config_change_renames_the_config_map(tmp_path: Path) -> None:
