@@ -13,7 +13,8 @@ the config tree and win over the SDK's variables for the same setting.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Annotated, Literal
 
 import msgspec
@@ -99,6 +100,28 @@ def tracer_provider(config: TracingConfig) -> TracerProvider:
     )
     provider.add_span_processor(BatchSpanProcessor(exporter))
     return provider
+
+
+TRACE_HEADERS = ("traceparent", "tracestate", "baggage")
+"""The W3C headers (HTTP) or metadata keys (gRPC) that carry a caller's trace context."""
+
+
+@contextmanager
+def remote_parent(carrier: Mapping[str, str]) -> Iterator[None]:
+    """Spans started inside become children of the caller's span, whose W3C trace context
+    (``traceparent``, ``tracestate``, ``baggage``; lower-case keys) ``carrier`` holds, through
+    the global propagator. Without a ``traceparent`` nothing happens and nothing is imported,
+    so a caller may enter it for every request; call it only with tracing on."""
+    if "traceparent" not in carrier:
+        yield
+        return
+    from opentelemetry import context, propagate
+
+    token = context.attach(propagate.extract(carrier))
+    try:
+        yield
+    finally:
+        context.detach(token)
 
 
 def _nothing() -> None:

@@ -392,3 +392,45 @@ def _stdout(script: str) -> str:
 def _run(script: str) -> Any:
     """The JSON value on the last line ``script`` prints."""
     return json.loads(_stdout(script).strip().splitlines()[-1])
+
+
+def test_grpc_callers_trace_context_parents_the_score_span(
+    tracer: Tracer, exporter: InMemorySpanExporter
+) -> None:
+    """A router's W3C ``traceparent`` in the gRPC metadata makes kvcache's score span its child
+    (same trace id, the caller's span as parent); without one the span is a root."""
+    from kvcache.service.grpc_server import GrpcServer
+    from kvcache.service.proto import indexer_pb2 as pb
+    from kvcache.service.proto import indexer_pb2_grpc as pb_grpc
+
+    indexer = Indexer()
+    indexer.tracer = tracer
+    server = GrpcServer(indexer, host="127.0.0.1", port=0, max_workers=2)
+    port = server.start()
+    trace_id, parent_id = 0x4BF92F3577B34DA6A3CE929D0E0E4736, 0x00F067AA0BA902B7
+    traceparent = f"00-{trace_id:032x}-{parent_id:016x}-01"
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.IndexerServiceStub(channel)
+            request = pb.ScoreTokensRequest(token_ids=list(range(64)), model_name="m")
+            stub.ScoreTokens(request, metadata=(("traceparent", traceparent),))
+            stub.ScoreTokens(request)
+    finally:
+        server.stop(grace=None)
+    child, root = [s for s in exporter.get_finished_spans() if s.name.endswith("score_tokens")]
+    assert child.context is not None and child.parent is not None
+    assert (child.context.trace_id, child.parent.span_id) == (trace_id, parent_id)
+    assert child.parent.is_remote
+    assert root.parent is None and root.context is not None
+    assert root.context.trace_id != trace_id
+
+
+def test_remote_parent_without_traceparent_imports_nothing() -> None:
+    script = """
+        import json, sys
+        from kvcache.tracing import remote_parent
+        with remote_parent({"tracestate": "x=1"}):
+            pass
+        print(json.dumps(sorted(m for m in sys.modules if m.startswith("opentelemetry"))))
+    """
+    assert _run(script) == []

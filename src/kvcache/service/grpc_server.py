@@ -29,6 +29,7 @@ from kvcache.tokenization.errors import (
     PoolOverloadedError,
     TokenizationTimeoutError,
 )
+from kvcache.tracing import TRACE_HEADERS, remote_parent
 
 log = logging.getLogger("kvcache.grpc")
 
@@ -62,10 +63,21 @@ def _answer(
     method: str,
     work: Callable[[_Request], _Response],
     request: _Request,
+    traced: bool = False,
 ) -> _Response:
     """Run ``work`` and turn every failure into a status with a one-line message."""
     try:
-        return work(request)
+        if not traced:
+            return work(request)
+        # The caller's trace context, if its metadata carries one, parents the score spans.
+        metadata = context.invocation_metadata() or ()
+        carrier = {
+            key.lower(): value
+            for key, value in metadata
+            if key.lower() in TRACE_HEADERS and isinstance(value, str)
+        }
+        with remote_parent(carrier):
+            return work(request)
     except _InvalidArgumentError as exc:
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
     except KVCacheError as exc:
@@ -91,25 +103,29 @@ class IndexerServicer(pb_grpc.IndexerServiceServicer):
         self.max_pods = max_pods
         self.max_messages = max_messages
 
+    @property
+    def _traced(self) -> bool:
+        return self.indexer.tracer is not None
+
     # -- RPCs -------------------------------------------------------------------------------------
 
     def GetPodScores(  # noqa: N802 (the proto's RPC name)
         self, request: pb.GetPodScoresRequest, context: grpc.ServicerContext
     ) -> pb.GetPodScoresResponse:
         """Upstream's RPC: raw scores of the pods holding the prompt's first block."""
-        return _answer(context, "GetPodScores", self._get_pod_scores, request)
+        return _answer(context, "GetPodScores", self._get_pod_scores, request, self._traced)
 
     def ScoreTokens(  # noqa: N802 (the proto's RPC name)
         self, request: pb.ScoreTokensRequest, context: grpc.ServicerContext
     ) -> pb.ScoreResponse:
         """Scores, normalised scores and matched blocks for token ids."""
-        return _answer(context, "ScoreTokens", self._score_tokens, request)
+        return _answer(context, "ScoreTokens", self._score_tokens, request, self._traced)
 
     def ScoreChat(  # noqa: N802 (the proto's RPC name)
         self, request: pb.ScoreChatRequest, context: grpc.ServicerContext
     ) -> pb.ScoreResponse:
         """Scores, normalised scores and matched blocks for a chat rendered as vLLM does."""
-        return _answer(context, "ScoreChat", self._score_chat, request)
+        return _answer(context, "ScoreChat", self._score_chat, request, self._traced)
 
     # -- implementations --------------------------------------------------------------------------
 
