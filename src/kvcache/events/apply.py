@@ -51,8 +51,10 @@ CHAIN_STATE_LIMIT = 1 << 20
 # In identity mode, re-verify one checkable event in this many.
 REVERIFY_EVERY = 64
 # In identity mode the decoder may skip token ids (they only serve verification): one message
-# in this many still carries them, and its first checkable event is verified.
-TOKENS_EVERY = 16
+# in this many still carries them, and its first checkable event is verified. After a restart
+# or a gap in the stream (what an engine replaced behind the same address looks like) the next
+# message does.
+TOKENS_EVERY = 64
 
 
 class HashMode(enum.Enum):
@@ -380,6 +382,7 @@ class EventApplier:
             return True
         if verdict is SeqVerdict.GAP:
             self.stats.gaps += 1
+            self._verify_next_message(pod)
             gap = self.sequences.streams[(publisher, rank)].last_gap
             log.warning(
                 "pod=%s rank=%s lost batches %s..%s: the index may miss blocks of this pod",
@@ -394,8 +397,7 @@ class EventApplier:
             state = self.pods.get(pod)
             if state is not None:
                 state.copies.clear()
-                # a restarted engine may hash differently: its next message carries tokens
-                state.messages_without_tokens = TOKENS_EVERY - 1
+            self._verify_next_message(pod)  # a restarted engine may hash differently
             log.warning(
                 "pod=%s rank=%s restarted (seq went back to %d): cleared %d stale entries",
                 publisher,
@@ -405,6 +407,12 @@ class EventApplier:
                 extra={"pod": publisher, "rank": rank, "seq": seq, "cleared": removed},
             )
         return False
+
+    def _verify_next_message(self, pod: str) -> None:
+        """The pod's next message carries its token ids and is verified (see skip_tokens_for)."""
+        state = self.pods.get(pod)
+        if state is not None:
+            state.messages_without_tokens = TOKENS_EVERY - 1
 
     # -- BlockStored --------------------------------------------------------------------------
 

@@ -119,6 +119,21 @@ def test_after_a_restart_the_next_message_carries_tokens() -> None:
     assert applier.pods["p:1"].verify_next
 
 
+def test_after_a_gap_the_next_message_carries_tokens() -> None:
+    """An engine replaced behind the same address (another seed) whose stream we join late
+    shows as a gap, not a restart: the message after the gap is verified, not the 64th."""
+    pipeline = IngestPipeline(MemoryIndex(), OURS)
+    applier = pipeline.appliers[0]
+    for seq in range(4):
+        pipeline.submit(frames(seq, stored(OURS, 100 * seq)))
+    assert applier.pods["p:1"].mode is HashMode.IDENTITY
+    pipeline.submit(frames(500, stored(OTHER, 1000)))  # decoded without tokens: not checked
+    assert applier.stats.gaps == 1 and applier.pods["p:1"].mode is HashMode.IDENTITY
+    pipeline.submit(frames(501, stored(OTHER, 2000)))
+    assert applier.pods["p:1"].mode is HashMode.DUAL
+    assert applier.stats.hash_mismatches == 1
+
+
 def test_skipping_tokens_leaves_the_same_index_on_a_real_capture() -> None:
     lines = (
         Path(__file__).resolve().parents[2]
