@@ -7,7 +7,10 @@ as the API server does, and records every request it gets.
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import json
+import ssl
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -18,6 +21,10 @@ from urllib.parse import parse_qs, urlsplit
 import kubernetes
 import msgspec
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from k8s_recordings import (
     DATA,
     EXPIRY_SCENARIO_CALLS,
@@ -52,7 +59,7 @@ class Reply(msgspec.Struct):
 class FakeApiServer:
     """Serves scripted list and watch replies for pods and records every request."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         self.lists: list[Reply] = []
         self.watches: list[Reply] = []
         self.requests: list[tuple[str, dict[str, str], dict[str, str]]] = []
@@ -63,7 +70,10 @@ class FakeApiServer:
         handler = self._handler()
         self.http = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.http.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.http.server_address[1]}"
+        if tls is not None:  # HTTPS, as a real API server in a pod sees it
+            self.http.socket = tls.wrap_socket(self.http.socket, server_side=True)
+        scheme = "http" if tls is None else "https"
+        self.url = f"{scheme}://127.0.0.1:{self.http.server_address[1]}"
         self._thread = threading.Thread(target=self.http.serve_forever, daemon=True)
 
     def __enter__(self) -> FakeApiServer:
@@ -329,6 +339,71 @@ def test_credentials_come_from_a_kubeconfig(api: FakeApiServer, tmp_path: Path) 
         source.stop()
     _, _, headers = api.requests[0]
     assert headers["authorization"] == "Bearer s3cr3t-token"
+    assert len(target.calls) == 3
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 signed by itself (it is its own CA) and its key."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kubernetes")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = directory / "ca.crt", directory / "server.key"
+    cert_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_file, key_file
+
+
+def test_credentials_come_from_the_service_account_in_a_pod(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No kubeconfig configured and running in a pod: the API server from the service
+    environment, over HTTPS checked against the mounted CA, with the mounted token."""
+    cert_file, key_file = _self_signed(tmp_path)
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert_file, key_file)
+    token_file = tmp_path / "token"
+    token_file.write_text("service-account-token")
+    # Where the Kubernetes client reads a pod's mounted service account, here in tmp_path.
+    incluster = kubernetes.config.incluster_config
+    monkeypatch.setattr(incluster, "SERVICE_TOKEN_FILENAME", str(token_file))
+    monkeypatch.setattr(incluster, "SERVICE_CERT_FILENAME", str(cert_file))
+    with FakeApiServer(tls) as api:
+        monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+        monkeypatch.setenv("KUBERNETES_SERVICE_PORT", str(api.http.server_address[1]))
+        api.lists = [Reply(body=_file("initial_list.json"))]
+        target = RecordingTarget()
+        config = DiscoveryConfig(enabled=True, namespace="llm")
+        assert config.kubeconfig is None
+        source = KubernetesPodSource(config, Reconciler(target, config))
+        source.start()
+        try:
+            assert source.wait_synced(20)
+        finally:
+            source.stop()
+        _, _, headers = api.requests[0]
+    scheme, token = headers["authorization"].split(" ", 1)  # the client writes "bearer"
+    assert (scheme.lower(), token) == ("bearer", "service-account-token")
     assert len(target.calls) == 3
 
 
