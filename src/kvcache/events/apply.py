@@ -57,6 +57,10 @@ REVERIFY_EVERY = 64
 TOKENS_EVERY = 64
 
 
+# What the pending run of the applier holds.
+_STORE, _REMOVE, _DUAL_STORE = 0, 1, 2
+
+
 class HashMode(enum.Enum):
     """How a pod's events are keyed."""
 
@@ -205,11 +209,15 @@ class EventApplier:
         self._chain = _Chain(scheme)
         self._on_alarm = on_alarm
         # The run of consecutive same-kind operations of one pod and entry not yet applied:
-        # stores (identity mode) or removals, applied with one index call each.
+        # stores (identity mode), removals, or stores with engine keys (dual mode, their
+        # engine -> request pairs also kept to resolve parents named later in the message),
+        # applied with one index call each.
         self._pending: list[int] = []
-        self._pending_removal = False
+        self._pending_kind = _STORE
         self._pending_state: PodState | None = None
         self._pending_entry: PodEntry | None = None
+        self._pending_engine: list[int] = []
+        self._pending_map: dict[int, int] = {}
 
     # -- entry points -------------------------------------------------------------------------
 
@@ -339,7 +347,7 @@ class EventApplier:
             stats.events_applied["BlockRemoved"] += message.removed_events
 
     def _reject_unapplicable(self, pod: str, seq: int, exc: KVCacheError) -> None:
-        self._pending = []
+        self._pending, self._pending_engine, self._pending_map = [], [], {}
         self.stats.events_rejected["unapplicable"] += 1
         log.warning(
             "event of pod=%s seq=%d not applied: %s", pod, seq, exc, extra={"pod": pod, "seq": seq}
@@ -445,7 +453,6 @@ class EventApplier:
                 self._flush()  # a mismatch clears the pod: earlier stores must land first
                 self._verify(state, event, model)
         if state.mode is HashMode.DUAL:
-            self._flush()
             self._stored_dual(state, event, entry, model)
             return
         # Identity: the hashes are our keys. Consecutive stores of the same pod and entry are
@@ -456,14 +463,15 @@ class EventApplier:
         self, state: PodState, entry: PodEntry, keys: Sequence[int], *, removal: bool
     ) -> None:
         """Queue keys onto the pending run, applying the run first if this one differs."""
+        kind = _REMOVE if removal else _STORE
         if self._pending and (
-            self._pending_removal is not removal
+            self._pending_kind != kind
             or self._pending_state is not state
             or self._pending_entry != entry
         ):
             self._flush()
         self._pending.extend(keys)
-        self._pending_removal = removal
+        self._pending_kind = kind
         self._pending_state = state
         self._pending_entry = entry
 
@@ -475,10 +483,13 @@ class EventApplier:
         state, entry = self._pending_state, self._pending_entry
         assert state is not None and entry is not None
         self._pending = []
-        if self._pending_removal:
+        if self._pending_kind == _REMOVE:
             self._evict_run(state, entry, keys)
-        else:
+        elif self._pending_kind == _STORE:
             self._add_run(state, entry, keys, len(set(keys)) != len(keys))
+        else:
+            engine, self._pending_engine, self._pending_map = self._pending_engine, [], {}
+            self._add_dual_run(state, entry, engine, keys)
 
     def _add_run(
         self, state: PodState, entry: PodEntry, keys: Sequence[int], repeats: bool
@@ -570,12 +581,16 @@ class EventApplier:
             self.stats.blocks_skipped["extra_keys_unsupported"] += len(event.block_hashes)
             return
         parent_key: int | None = None
-        if event.parent_block_hash is not None:
-            try:
-                parent_key = self.index.request_key(event.parent_block_hash)
-            except UnknownKeyError:
-                self.stats.blocks_skipped["parent_unknown"] += len(event.block_hashes)
-                return
+        parent = event.parent_block_hash
+        if parent is not None:
+            # A parent stored earlier in this message may still be in the pending run.
+            parent_key = self._pending_map.get(parent)
+            if parent_key is None:
+                try:
+                    parent_key = self.index.request_key(parent)
+                except UnknownKeyError:
+                    self.stats.blocks_skipped["parent_unknown"] += len(event.block_hashes)
+                    return
         size = self.scheme.block_size
         usable = len(event.token_ids) // size * size
         if usable == 0:
@@ -585,14 +600,41 @@ class EventApplier:
         if keys is None:
             self.stats.blocks_skipped["parent_unknown"] += len(event.block_hashes)
             return
-        duplicates = self.index.add(event.block_hashes, keys, (entry,))
+        if len(keys) == len(event.block_hashes):
+            # One engine key per request key: consecutive such stores of the pod and entry
+            # become one index add (the engine -> request map is per position).
+            if self._pending and (
+                self._pending_kind != _DUAL_STORE
+                or self._pending_state is not state
+                or self._pending_entry != entry
+            ):
+                self._flush()
+            self._pending.extend(keys)
+            self._pending_engine.extend(event.block_hashes)
+            self._pending_map.update(zip(event.block_hashes, keys, strict=True))
+            self._pending_kind = _DUAL_STORE
+            self._pending_state = state
+            self._pending_entry = entry
+            return
+        self._flush()  # block sizes differ: many-to-one or one-to-many, one add per event
+        self.index.add(event.block_hashes, keys, (entry,))
         self.stats.blocks_stored += len(event.block_hashes)
-        if duplicates and len(keys) == len(event.block_hashes):
-            # Removals name engine keys, so count the extra copies under those.
-            again = set(duplicates)
-            for engine_key, key in zip(event.block_hashes, keys, strict=True):
-                if key in again:
+
+    def _add_dual_run(
+        self, state: PodState, entry: PodEntry, engine: list[int], keys: list[int]
+    ) -> None:
+        """Index a run of dual-mode stores, engine key i mapped to request key i."""
+        self.stats.blocks_stored += len(engine)
+        held = self.index.add(engine, keys, (entry,))
+        if held or len(set(keys)) != len(keys):
+            # A block held before this add, or stored twice within it, is another physical
+            # copy; removals name engine keys, so the copies are counted under those.
+            again = set(held)
+            seen: set[int] = set()
+            for engine_key, key in zip(engine, keys, strict=True):
+                if key in again or key in seen:
                     state.copies[(engine_key, entry)] += 1
+                seen.add(key)
 
     def _tier_update(self, state: PodState, hashes: Sequence[int], entry: PodEntry) -> None:
         """A store without tokens (offload tiers): only blocks we already know gain the tier."""

@@ -173,6 +173,43 @@ def test_second_copy_survives_the_first_removal(index: MemoryIndex) -> None:
     applier.apply(message(5, BlockRemoved([key], "GPU", None)))  # duplicate removal: harmless
 
 
+def test_dual_mode_stores_of_one_message_are_one_add_and_keep_copies(
+    index: MemoryIndex,
+) -> None:
+    """Dual-mode stores of a message are applied together: a parent stored earlier in the same
+    message still resolves, and a block stored twice (in the message, or again later) keeps a
+    copy that outlives one removal, exactly as when each store was its own message."""
+    first, rest = (
+        stored(ENGINE_OTHER_SEED, TOKENS[: 3 * BS]),
+        stored(ENGINE_OTHER_SEED, TOKENS, start_block=3),
+    )
+    engine_keys = ENGINE_OTHER_SEED.block_keys(TOKENS)
+    adds: list[int] = []
+    add = index.add
+
+    def counting_add(*args: object, **kwargs: object) -> list[int]:
+        adds.append(len(args[1]))  # type: ignore[arg-type]
+        return add(*args, **kwargs)  # type: ignore[arg-type]
+
+    index.add = counting_add  # type: ignore[method-assign]
+    applier = EventApplier(index, OURS)
+    applier.apply(message(0, stored(ENGINE_OTHER_SEED, TOKENS[:BS])))  # verified: dual
+    assert mode(applier) is HashMode.DUAL
+    adds.clear()
+    applier.apply(message(1, first, rest, first))  # `rest`'s parent is in `first`
+    assert adds == [3 + 5 + 3]
+    assert applier.stats.blocks_skipped == {}
+    assert score(index, TOKENS) == {"p": 8.0}
+    for seq in (2, 3):  # block 0 was stored three times, block 1 twice
+        applier.apply(message(seq, BlockRemoved([engine_keys[1]], "GPU", None)))
+        assert score(index, TOKENS) == {"p": 8.0 if seq == 2 else 1.0}
+    applier.apply(message(4, BlockRemoved([engine_keys[0]], "GPU", None)))
+    applier.apply(message(5, BlockRemoved([engine_keys[0]], "GPU", None)))
+    assert score(index, TOKENS) == {"p": 1.0}
+    applier.apply(message(6, BlockRemoved([engine_keys[0]], "GPU", None)))
+    assert score(index, TOKENS) == {}
+
+
 def test_group_and_medium_make_the_entry(index: MemoryIndex) -> None:
     applier = EventApplier(index, OURS)
     applier.apply(message(0, stored(OURS, TOKENS[:BS], medium="GPU", group_idx=1)))
