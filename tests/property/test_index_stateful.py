@@ -91,11 +91,21 @@ class IndexModel(RuleBasedStateMachine):
     @rule(key=KEYS, entries=ENTRY_LISTS)
     def evict_engine(self, key: int, entries: list[PodEntry]) -> None:
         self.index.evict(key, KeyType.ENGINE, entries)
+        self._evict_engine(key, set(entries))
+
+    @rule(keys=st.lists(KEYS, max_size=6), entries=ENTRY_LISTS)
+    def evict_engines(self, keys: list[int], entries: list[PodEntry]) -> None:
+        """A removal run: the same as evicting the keys one by one, in order."""
+        self.index.evict_many(keys, KeyType.ENGINE, entries)
+        for key in keys:
+            self._evict_engine(key, set(entries))
+
+    def _evict_engine(self, key: int, entries: set[PodEntry]) -> None:
         targets = self.emap.get(key)
         if targets is None:
             return
         for r in targets:
-            self._remove(r, set(entries))
+            self._remove(r, entries)
         if all(r not in self.data for r in targets):
             del self.emap[key]
 

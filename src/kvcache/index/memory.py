@@ -294,8 +294,7 @@ class TableIndex:
                 for h in mix(k).tolist():
                     self._discard(h, ents)
             else:
-                for h in mix(k).tolist():
-                    self._evict_engine(h, ents)
+                self._evict_engines(mix(k), ents)
             self._maintain()
 
     def _discard_native(self, k: NDArray[np.uint64], ents: frozenset[PodEntry]) -> None:
@@ -667,6 +666,34 @@ class TableIndex:
     def _is_empty(self, h: int) -> bool:
         slot = self._main.find1(h)
         return slot < 0 or not int(self._set_col[slot]) & _ID_MASK
+
+    def _evict_engines(self, hs: NDArray[np.uint64], ents: frozenset[PodEntry]) -> None:
+        """`_evict_engine` of every mixed key; mappings to one request key in bulk.
+
+        Every key removes the same entries, so the order does not matter: a request row a
+        later key empties is already empty after the first key that names it."""
+        engine = self._engine
+        es = engine.find(hs)
+        bulk = es >= 0
+        hl = hs.tolist()
+        if self._multi:  # a run of request keys per engine key: key by key
+            bulk &= np.fromiter((h in self._multi for h in hl), np.bool_, len(hl)) == 0
+        for h in hs[~bulk].tolist():  # also identity-flagged rows and unknown keys
+            self._evict_engine(h, ents)
+        slots = es[bulk]
+        if not slots.size:
+            return
+        targets: NDArray[np.uint64] = engine.cols["request"][slots]  # type: ignore[assignment]
+        if self._kernels:
+            self._discard_native(targets, ents)
+        else:
+            for th in mix(targets).tolist():
+                self._discard(th, ents)
+        rows = self._main.find(mix(targets))
+        held = self._set_col[np.maximum(rows, 0)] & _ID_BITS
+        empty = (rows < 0) | (held == 0)
+        if np.count_nonzero(empty):
+            engine.delete(np.unique(slots[empty]))
 
     def _evict_engine(self, h: int, ents: frozenset[PodEntry]) -> None:
         engine = self._engine
