@@ -112,6 +112,8 @@ def sim(quick: bool) -> dict[str, Any]:
         "options": options,
         "wall_seconds": run["wall_seconds"],
         "runs": read("results.json"),
+        # The router-tier regime (kvcache.sim.run.run_router_tier), when it ran.
+        "router_tier": read("router_tier.json") if (out / "router_tier.json").exists() else [],
         "targets": read("targets.json"),
         "self_healing": healing,
     }

@@ -704,31 +704,17 @@ def _sim_detail(sim: dict[str, Any]) -> list[str]:
     ]
     runs = [r for r in sim.get("runs", []) if isinstance(r, dict)]
     for qps in sorted({r["qps"] for r in runs}):
-        rows = [r for r in runs if r["qps"] == qps]
-        best = next((r for r in rows if r["policy"] == "precise_load"), {})
-        oracle = next((r for r in rows if r["policy"] == "oracle"), {})
-        lines += [
-            f"**{qps:g} QPS**",
-            "",
-            "| policy | hit rate | vs oracle | TTFT p50 s | TTFT p90 s | p90 vs precise_load "
-            "| TTFT p99 s | output tok/s | vs precise_load | imbalance | accuracy |",
-            "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
-        ]
-        for r in rows:
-            throughput = _number(r.get("throughput"))
-            imbalance = _number(r.get("load_imbalance"))
-            lines.append(
-                f"| {r['policy']} | {_percent(r.get('hit_rate'))} "
-                f"| {_over(r.get('hit_rate'), oracle.get('hit_rate'))} "
-                f"| {_seconds(r.get('ttft_p50'))} | {_seconds(r.get('ttft_p90'))} "
-                f"| {_over(r.get('ttft_p90'), best.get('ttft_p90'))} "
-                f"| {_seconds(r.get('ttft_p99'))} "
-                f"| {'n/a' if throughput is None else f'{throughput:,.0f}'} "
-                f"| {_over(r.get('throughput'), best.get('throughput'))} "
-                f"| {'n/a' if imbalance is None else f'{imbalance:.2f}'} "
-                f"| {_percent(r.get('prediction_accuracy'))} |"
-            )
-        lines.append("")
+        lines += _sim_table(f"**{qps:g} QPS**", [r for r in runs if r["qps"] == qps])
+    tier = [r for r in sim.get("router_tier") or [] if isinstance(r, dict)]
+    if tier:
+        routers = options.get("router_tier", "?")
+        lines += _sim_table(
+            f"**{tier[0]['qps']:g} QPS behind {routers} router replicas** (each request reaches "
+            "one at random; approximate keeps one history per replica, as GIE's EPP replicas "
+            "do; precise_load's replicas share the index the engines' events feed; same "
+            "requests and fleet as the row above; the oracle is not rerun)",
+            tier,
+        )
     healing = sim.get("self_healing")
     if isinstance(healing, dict):
         recoveries = "; ".join(
@@ -747,6 +733,35 @@ def _sim_detail(sim: dict[str, Any]) -> list[str]:
             f"its event batches; {recoveries}.",
             "",
         ]
+    return lines
+
+
+def _sim_table(title: str, rows: list[dict[str, Any]]) -> list[str]:
+    """One rate's policies as rows, with ratios to precise_load and the oracle among them."""
+    best = next((r for r in rows if r["policy"] == "precise_load"), {})
+    oracle = next((r for r in rows if r["policy"] == "oracle"), {})
+    lines = [
+        title,
+        "",
+        "| policy | hit rate | vs oracle | TTFT p50 s | TTFT p90 s | p90 vs precise_load "
+        "| TTFT p99 s | output tok/s | vs precise_load | imbalance | accuracy |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for r in rows:
+        throughput = _number(r.get("throughput"))
+        imbalance = _number(r.get("load_imbalance"))
+        lines.append(
+            f"| {r['policy']} | {_percent(r.get('hit_rate'))} "
+            f"| {_over(r.get('hit_rate'), oracle.get('hit_rate'))} "
+            f"| {_seconds(r.get('ttft_p50'))} | {_seconds(r.get('ttft_p90'))} "
+            f"| {_over(r.get('ttft_p90'), best.get('ttft_p90'))} "
+            f"| {_seconds(r.get('ttft_p99'))} "
+            f"| {'n/a' if throughput is None else f'{throughput:,.0f}'} "
+            f"| {_over(r.get('throughput'), best.get('throughput'))} "
+            f"| {'n/a' if imbalance is None else f'{imbalance:.2f}'} "
+            f"| {_percent(r.get('prediction_accuracy'))} |"
+        )
+    lines.append("")
     return lines
 
 

@@ -65,6 +65,27 @@ def test_precise_beats_random_and_predictions_are_exact(sim_run: tuple[Path, str
     assert all(r["gaps"] == 0 and r["resets"] == 0 and r["sync_timeouts"] == 0 for r in rows)
 
 
+def test_router_tier_regime_reruns_the_top_rate_with_two_replicas(
+    sim_run: tuple[Path, str],
+) -> None:
+    out, stdout = sim_run
+    tier = {r["policy"]: r for r in json.loads((out / "router_tier.json").read_text())}
+    assert set(tier) == {"least_loaded", "approximate", "precise_load"}
+    assert {r["qps"] for r in tier.values()} == {60.0}
+    assert all(r["completed"] == 160 for r in tier.values())
+    sweep = {
+        r["policy"]: r for r in json.loads((out / "results.json").read_text()) if r["qps"] == 60.0
+    }
+    # The load-only policy keeps no router state: replicas change nothing, the same run.
+    for field in ("hit_rate", "ttft_p90", "throughput"):
+        assert tier["least_loaded"][field] == sweep["least_loaded"][field]
+    # Replicas of precise_load read the same event-fed index: still exact.
+    assert tier["precise_load"]["prediction_accuracy"] == 1.0
+    names = [t["name"] for t in json.loads((out / "targets.json").read_text())]
+    assert sum("2 router replicas" in name for name in names) == 2
+    assert "2 router replicas" in stdout
+
+
 def test_plots_and_self_healing_demo(sim_run: tuple[Path, str]) -> None:
     out, stdout = sim_run
     for name in ("ttft_vs_qps.png", "hit_rate_vs_qps.png", "self_healing.png"):

@@ -335,6 +335,13 @@ def _add_sim_command(commands: argparse._SubParsersAction[_OneLineParser]) -> No
         help="override a timing constant, e.g. prefill_per_token=5e-5 (repeatable)",
     )
     sim.add_argument("--no-demo", action="store_true", help="skip the self-healing demo")
+    sim.add_argument(
+        "--router-tier",
+        type=int,
+        default=2,
+        metavar="N",
+        help="also run the highest rate behind N router replicas (default 2; 0 skips it)",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -63,17 +63,26 @@ class FleetSpec(msgspec.Struct, frozen=True, kw_only=True):
     layout: str = "vllm-0.32"
     hash_scheme: str = "sha256"
     approximate_lru_entries: int | None = None
-    """The approximate router's history per pod, in 64-token chunks. None: as llm-d's benchmark
-    sized it against its pods (31,250 entries for 307,328 KV tokens: 6.5 times what a pod
-    holds), scaled to ``capacity_blocks``."""
+    """The approximate router's history per pod, in chunks of ``APPROXIMATE_CHUNK_TOKENS``.
+    None: GIE's default as llm-d's benchmark ran it against its pods (31,250 entries of 16
+    tokens for 307,328 KV tokens: 1.63 times what a pod holds), scaled to ``capacity_blocks``."""
+    routers: Annotated[int, msgspec.Meta(ge=1)] = 1
+    """Router replicas in front of the fleet; each request reaches one of them at random. The
+    approximate router's replicas keep separate histories; precise_load's share the index."""
     speculative_ttl: float = 2.0
     sync_timeout: float = 5.0
     """Real seconds to wait for kvcache to apply what was sent before a decision."""
 
 
-LLM_D_HISTORY_PER_CAPACITY = 31_250 * 64 / 307_328
+APPROXIMATE_CHUNK_TOKENS = 16
+"""GIE's ``hashBlockSize`` is 64 characters, 16 tokens at the 4 characters per token its docs
+assume (and vLLM's block size): the approximate policy hashes 16-token chunks."""
+
+LLM_D_HISTORY_PER_CAPACITY = 31_250 * APPROXIMATE_CHUNK_TOKENS / 307_328
 """Tokens of router-side history per token of pod KV in llm-d's approximate-prefix benchmark
-configuration (31,250 LRU entries of 64-token chunks per server, 307,328-token pods)."""
+(GIE's default 31,250 LRU entries per server, each 64 characters ~ 16 tokens, against
+307,328-token pods): 1.63. GIE's guide asks for a history "as close as possible" to the pod's
+cache; its default is sized for an 8B model on one 80 GB GPU (500k tokens)."""
 
 
 def approximate_history(spec: FleetSpec) -> int:
@@ -81,7 +90,7 @@ def approximate_history(spec: FleetSpec) -> int:
     if spec.approximate_lru_entries is not None:
         return spec.approximate_lru_entries
     tokens = spec.capacity_blocks * spec.block_size
-    return max(1, round(tokens * LLM_D_HISTORY_PER_CAPACITY / 64))
+    return max(1, round(tokens * LLM_D_HISTORY_PER_CAPACITY / APPROXIMATE_CHUNK_TOKENS))
 
 
 def pod_name(number: int) -> str:
@@ -295,21 +304,24 @@ class Fleet:
 
 def build_policy(name: str, fleet: Fleet, requests: Sequence[SimRequest], seed: int) -> Policy:
     """The named policy, wired to this fleet's kvcache and engines."""
-    router = None
+    routers = None
     cost = cost_model(fleet.spec.timing)
     if name == "precise_load":
-        router = Router(
-            fleet.indexer,
-            cost,
-            speculative_ttl=fleet.spec.speculative_ttl,
-            clock=fleet._clock,
-        )
+        routers = [
+            Router(
+                fleet.indexer,
+                cost,
+                speculative_ttl=fleet.spec.speculative_ttl,
+                clock=fleet._clock,
+            )
+            for _ in range(fleet.spec.routers)
+        ]
     return make_policy(
         name,
         pods=fleet.pods,
         seed=seed,
         indexer=fleet.indexer,
-        router=router,
+        router=routers,
         truth={
             pod: TruePod(engine, scheduler)
             for pod, engine, scheduler in zip(
@@ -318,6 +330,8 @@ def build_policy(name: str, fleet: Fleet, requests: Sequence[SimRequest], seed: 
         },
         cost=cost,
         approximate_lru_entries=approximate_history(fleet.spec),
+        approximate_chunk_tokens=APPROXIMATE_CHUNK_TOKENS,
+        routers=fleet.spec.routers,
     )
 
 
@@ -427,6 +441,7 @@ def _route(fleet: Fleet, policy: Policy, request: SimRequest, record: RunRecord)
 
 
 __all__ = [
+    "APPROXIMATE_CHUNK_TOKENS",
     "FaultAction",
     "Fleet",
     "FleetSpec",

@@ -174,10 +174,17 @@ class ApproximatePolicy:
     The prompt is cut into ``chunk_tokens``-token chunks hashed as a chain (at most
     ``max_chunks``). Each pod has an LRU of ``lru_entries`` chunk hashes the router sent
     there; the prefix score is the fraction of the prompt's leading chunks found in a pod's LRU.
-    GIE's defaults (64-token chunks, 256 chunks, 31,250 entries per server) assume a cache size
-    that has nothing to do with the pod's: the router keeps crediting prefixes long evicted. The
-    final score is ``w_prefix * prefix + w_queue * queue + w_kv * (1 - kv_usage)``, queue
-    min-max normalised (GIE's queue scorer), highest wins; weights as llm-d's benchmark (3/2/2).
+    GIE's defaults: 64-character chunks (``hashBlockSize``; 16 tokens at GIE's 4 characters per
+    token, vLLM's block), 256 chunks (``maxPrefixBlocksToMatch``) and 31,250 entries per server
+    (``lruCapacityPerServer``, sized for an 8B model on an 80 GB GPU: 500k tokens), a history
+    that knows nothing of the pod's real cache: the router keeps crediting prefixes the engine
+    evicted. The final score is ``w_prefix * prefix + w_queue * queue + w_kv * (1 - kv_usage)``,
+    queue min-max normalised (GIE's queue scorer), highest wins (max-score picker, ties at
+    random); weights as llm-d's benchmark (3/2/2).
+
+    ``routers`` > 1 models a router tier of that many replicas, each request reaching one of
+    them (``replica_rng``): every replica keeps its own history (GIE shares none between EPP
+    replicas), the load signals are the pods' own metrics, so all replicas see them.
     """
 
     name = "approximate"
@@ -187,19 +194,32 @@ class ApproximatePolicy:
         pods: Sequence[str],
         rng: random.Random,
         *,
-        chunk_tokens: int = 64,
+        chunk_tokens: int = 16,
         max_chunks: int = 256,
         lru_entries: int = 31_250,
         weights: tuple[float, float, float] = (3.0, 2.0, 2.0),
+        routers: int = 1,
+        replica_rng: random.Random | None = None,
     ) -> None:
-        if chunk_tokens < 1 or max_chunks < 1 or lru_entries < 1:
-            raise ValueError("approximate: chunk_tokens, max_chunks, lru_entries must be >= 1")
+        if chunk_tokens < 1 or max_chunks < 1 or lru_entries < 1 or routers < 1:
+            raise ValueError(
+                "approximate: chunk_tokens, max_chunks, lru_entries, routers must be >= 1"
+            )
         self.rng = rng
         self.chunk_tokens = chunk_tokens
         self.max_chunks = max_chunks
         self.lru_entries = lru_entries
         self.weights = weights
-        self._history: dict[str, OrderedDict[int, None]] = {pod: OrderedDict() for pod in pods}
+        self._replicas: list[dict[str, OrderedDict[int, None]]] = [
+            {pod: OrderedDict() for pod in pods} for _ in range(routers)
+        ]
+        self._replica_rng = replica_rng or random.Random(0)
+        self._history = self._replicas[0]
+
+    @property
+    def histories(self) -> list[dict[str, OrderedDict[int, None]]]:
+        """Each router replica's per-pod history (chunk hashes, least recently used first)."""
+        return self._replicas
 
     def chunks(self, prompt: Sequence[int]) -> list[int]:
         """Chained hashes of the prompt's full chunks (Python's tuple hash: deterministic)."""
@@ -226,6 +246,8 @@ class ApproximatePolicy:
 
     def choose(self, ctx: RouteContext) -> str:
         """Weighted prefix + queue + KV-usage scores; then remember the choice."""
+        if len(self._replicas) > 1:  # the replica this request reaches decides alone
+            self._history = self._replicas[self._replica_rng.randrange(len(self._replicas))]
         chunks = self.chunks(ctx.request.prompt)
         prefix = self.prefix_scores(chunks)
         queues = [load.waiting for load in ctx.loads]
@@ -272,16 +294,30 @@ class PrecisePolicy:
 
 
 class PreciseLoadPolicy:
-    """`kvcache.routing.Router`: predicted TTFT from prefix hits and load, with speculation."""
+    """`kvcache.routing.Router`: predicted TTFT from prefix hits and load, with speculation.
+
+    Several routers model a router tier (each request reaches one, ``replica_rng``): they
+    share one event-fed index, as replicas of kvcache do on a shared backend (Redis/Valkey)
+    or each subscribed to every pod, speculative credits included.
+    """
 
     name = "precise_load"
 
-    def __init__(self, router: Router) -> None:
-        self.router = router
+    def __init__(
+        self, router: Router | Sequence[Router], replica_rng: random.Random | None = None
+    ) -> None:
+        self.routers = [router] if isinstance(router, Router) else list(router)
+        if not self.routers:
+            raise ValueError("precise_load needs at least one router")
+        self.router = self.routers[0]
+        self._replica_rng = replica_rng or random.Random(0)
 
     def choose(self, ctx: RouteContext) -> str:
         """The pod with the lowest predicted time to first token."""
-        return self.router.pick(ctx.request.prompt, ctx.loads).pod
+        router = self.router
+        if len(self.routers) > 1:
+            router = self.routers[self._replica_rng.randrange(len(self.routers))]
+        return router.pick(ctx.request.prompt, ctx.loads).pod
 
 
 class OraclePolicy:
@@ -328,14 +364,22 @@ def make_policy(
     pods: Sequence[str],
     seed: int,
     indexer: Indexer | None = None,
-    router: Router | None = None,
+    router: Router | Sequence[Router] | None = None,
     truth: Mapping[str, PodView] | None = None,
     cost: CostModel | None = None,
     approximate_lru_entries: int = 31_250,
+    approximate_chunk_tokens: int = 16,
     hash_prefix_tokens: int = 256,
+    routers: int = 1,
 ) -> Policy:
-    """The named policy over ``pods``; ValueError for an unknown name or a missing input."""
+    """The named policy over ``pods``; ValueError for an unknown name or a missing input.
+
+    ``routers``: replicas of the approximate router, each with its own history (precise_load's
+    replicas are the ``router`` sequence). Both draw a request's replica from the same seeded
+    stream, so they split the same requests the same way.
+    """
     rng = random.Random(f"{seed}:{name}")
+    replica_rng = random.Random(f"{seed}:router-replica")
     if name == "random":
         return RandomPolicy(rng)
     if name == "round_robin":
@@ -345,7 +389,14 @@ def make_policy(
     if name == "consistent_hash":
         return ConsistentHashPolicy(pods, prefix_tokens=hash_prefix_tokens)
     if name == "approximate":
-        return ApproximatePolicy(pods, rng, lru_entries=approximate_lru_entries)
+        return ApproximatePolicy(
+            pods,
+            rng,
+            chunk_tokens=approximate_chunk_tokens,
+            lru_entries=approximate_lru_entries,
+            routers=routers,
+            replica_rng=replica_rng,
+        )
     if name == "precise":
         if indexer is None:
             raise ValueError("the precise policy needs kvcache's indexer")
@@ -353,7 +404,7 @@ def make_policy(
     if name == "precise_load":
         if router is None:
             raise ValueError("the precise_load policy needs a kvcache.routing.Router")
-        return PreciseLoadPolicy(router)
+        return PreciseLoadPolicy(router, replica_rng)
     if name == "oracle":
         if truth is None:
             raise ValueError("the oracle policy needs the engines")

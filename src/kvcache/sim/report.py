@@ -5,6 +5,8 @@ Files in the output directory:
 * ``results.json``: a list, one object per (policy, qps) run (`RunSummary` fields);
 * ``results.csv``: the same rows;
 * ``self_healing.json``: the demo's faults, accuracy timeline and recovery per restart;
+* ``router_tier.json``: the router-tier regime (same `RunSummary` rows, at the highest rate with
+  ``SimOptions.router_tier`` router replicas), when it ran;
 * ``targets.json``: each target of issue 7, the measured value and whether it is met;
 * ``ttft_vs_qps.png``, ``hit_rate_vs_qps.png``, ``self_healing.png``.
 """
@@ -24,6 +26,7 @@ from kvcache.sim.results import RunSummary
 
 if TYPE_CHECKING:
     from rich.console import Console
+    from rich.table import Table
 
     from kvcache.sim.run import SelfHealing, SimOptions
 
@@ -60,10 +63,16 @@ def _ratio(numerator: float, denominator: float) -> float:
 
 
 def evaluate_targets(
-    summaries: Sequence[RunSummary], healing: SelfHealing | None, *, faults: bool = False
+    summaries: Sequence[RunSummary],
+    healing: SelfHealing | None,
+    *,
+    faults: bool = False,
+    tier: Sequence[RunSummary] = (),
+    tier_routers: int = 0,
 ) -> list[Target]:
     """Issue 7's targets on this run (``faults``: the sweep injected faults, so the accuracy
-    target does not apply to it)."""
+    target does not apply to it). ``tier``: the router-tier regime's rows, whose comparison of
+    precise_load with approximate is reported next to (never instead of) the sweep's."""
     targets: list[Target] = []
     rates = sorted({s.qps for s in summaries})
     hits = [
@@ -103,6 +112,7 @@ def evaluate_targets(
             None if value is None or math.isnan(value) else value >= 1.0,
         )
     )
+    targets.extend(_tier_targets(tier, tier_routers))
     accuracy = None if faults else min((s.prediction_accuracy for s in summaries), default=None)
     targets.append(
         Target(
@@ -127,6 +137,31 @@ def evaluate_targets(
     return targets
 
 
+def _tier_targets(tier: Sequence[RunSummary], routers: int) -> list[Target]:
+    """The approximate-vs-precise_load targets again, with a router tier of ``routers``."""
+    if not tier:
+        return []
+    top = max(s.qps for s in tier)
+    best, approx = _row(tier, "precise_load", top), _row(tier, "approximate", top)
+    ttft = _ratio(approx.ttft_p90, best.ttft_p90) if best and approx else None
+    output = _ratio(best.throughput, approx.throughput) if best and approx else None
+    where = f"at {top:g} QPS, {routers} router replicas"
+    return [
+        Target(
+            f"approximate p90 TTFT / precise_load p90 TTFT {where}",
+            ttft,
+            ">= 2",
+            None if ttft is None or math.isnan(ttft) else ttft >= 2.0,
+        ),
+        Target(
+            f"precise_load throughput / approximate throughput {where}",
+            output,
+            ">= 1.0",
+            None if output is None or math.isnan(output) else output >= 1.0,
+        ),
+    ]
+
+
 # -- the terminal ------------------------------------------------------------------------------
 
 
@@ -141,43 +176,66 @@ def print_report(  # noqa: PLR0917 (one call site)
     healing: SelfHealing | None,
     targets: Sequence[Target],
     elapsed: float,
+    tier: Sequence[RunSummary] = (),
 ) -> None:
-    """One table per rate (policies as rows), the demo, the targets."""
-    from rich.table import Table
-
+    """One table per rate (policies as rows), the router-tier regime, the demo, the targets."""
     spec = options.fleet
+    routers = "" if spec.routers == 1 else f", {spec.routers} router replicas"
     console.print(
         f"[bold]kvcache sim[/]: {options.workload}, {options.requests} requests per run, "
         f"{spec.pods} pods x {spec.capacity_blocks} blocks of {spec.block_size} tokens, "
-        f"seed {options.seed}, {elapsed:.0f} s"
+        f"seed {options.seed}{routers}, {elapsed:.0f} s"
     )
-    order = {name: n for n, name in enumerate(POLICIES)}
     for qps in sorted({s.qps for s in summaries}):
-        table = Table(title=f"{qps:g} QPS", title_justify="left")
-        for header in (
-            "policy",
-            "hit rate",
-            "TTFT p50 s",
-            "TTFT p90 s",
-            "TTFT p99 s",
-            "output tok/s",
-            "imbalance",
-            "accuracy",
-        ):
-            table.add_column(header, justify="left" if header == "policy" else "right")
-        rows = sorted((s for s in summaries if s.qps == qps), key=lambda s: order[s.policy])
-        for s in rows:
-            table.add_row(
-                s.policy,
-                f"{s.hit_rate:.1%}",
-                _seconds(s.ttft_p50),
-                _seconds(s.ttft_p90),
-                _seconds(s.ttft_p99),
-                f"{s.throughput:,.0f}",
-                f"{s.load_imbalance:.2f}",
-                f"{s.prediction_accuracy:.2%}",
-            )
-        console.print(table)
+        console.print(_rate_table(f"{qps:g} QPS", [s for s in summaries if s.qps == qps]))
+    if tier:
+        top = max(s.qps for s in tier)
+        title = (
+            f"{top:g} QPS, {options.router_tier} router replicas (each request reaches one; "
+            "approximate: one history per replica; precise_load: one shared event-fed index)"
+        )
+        console.print(_rate_table(title, list(tier)))
+    _print_healing(console, healing)
+    console.print("[bold]targets[/]")
+    for target in targets:
+        mark = {True: "[green]met[/]", False: "[red]NOT met[/]", None: "[yellow]n/a[/]"}
+        value = "-" if target.value is None else f"{target.value:.4g}"
+        console.print(f"  {mark[target.met]:>18}  {target.name}: {value} ({target.threshold})")
+
+
+def _rate_table(title: str, summaries: Sequence[RunSummary]) -> Table:
+    """A rich table of ``summaries``, policies in report order."""
+    from rich.table import Table
+
+    order = {name: n for n, name in enumerate(POLICIES)}
+    table = Table(title=title, title_justify="left")
+    for header in (
+        "policy",
+        "hit rate",
+        "TTFT p50 s",
+        "TTFT p90 s",
+        "TTFT p99 s",
+        "output tok/s",
+        "imbalance",
+        "accuracy",
+    ):
+        table.add_column(header, justify="left" if header == "policy" else "right")
+    rows = sorted(summaries, key=lambda s: order[s.policy])
+    for s in rows:
+        table.add_row(
+            s.policy,
+            f"{s.hit_rate:.1%}",
+            _seconds(s.ttft_p50),
+            _seconds(s.ttft_p90),
+            _seconds(s.ttft_p99),
+            f"{s.throughput:,.0f}",
+            f"{s.load_imbalance:.2f}",
+            f"{s.prediction_accuracy:.2%}",
+        )
+    return table
+
+
+def _print_healing(console: Console, healing: SelfHealing | None) -> None:
     if healing is not None:
         lines = [
             f"[bold]self-healing[/] ({healing.policy}, {healing.qps:g} QPS): accuracy "
@@ -192,11 +250,6 @@ def print_report(  # noqa: PLR0917 (one call site)
             )
             lines.append(f"  restart of pod {recovery.pod} at {recovery.at:.1f} s: {took}")
         console.print("\n".join(lines))
-    console.print("[bold]targets[/]")
-    for target in targets:
-        mark = {True: "[green]met[/]", False: "[red]NOT met[/]", None: "[yellow]n/a[/]"}
-        value = "-" if target.value is None else f"{target.value:.4g}"
-        console.print(f"  {mark[target.met]:>18}  {target.name}: {value} ({target.threshold})")
 
 
 # -- files --------------------------------------------------------------------------------------
@@ -225,14 +278,18 @@ def write_outputs(  # noqa: PLR0917 (one call site)
     healing: SelfHealing | None,
     targets: Sequence[Target],
     elapsed: float,
+    tier: Sequence[RunSummary] = (),
 ) -> None:
-    """results.json / .csv, self_healing.json, targets.json, run.json and the PNGs."""
+    """results.json / .csv, router_tier.json, self_healing.json, targets.json, run.json and
+    the PNGs."""
     _write_json(out / "results.json", list(summaries))
     with open(out / "results.csv", "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(CSV_FIELDS)
         for summary in summaries:
             writer.writerow(getattr(summary, name) for name in CSV_FIELDS)
+    if tier:
+        _write_json(out / "router_tier.json", list(tier))
     _write_json(out / "targets.json", list(targets))
     _write_json(out / "run.json", {"options": options, "wall_seconds": elapsed})
     plot_rates(out, summaries)

@@ -34,6 +34,9 @@ from kvcache.sim.workloads import WORKLOADS, SimRequest, generate, read_trace
 DEFAULT_QPS = (50.0, 100.0, 200.0)
 DEFAULT_REQUESTS = 1200
 DEMO_POLICY = "precise"
+DEFAULT_ROUTER_TIER = 2
+TIER_POLICIES = ("least_loaded", "approximate", "precise_load")
+"""The router-tier regime compares these (the others keep no router-side state)."""
 
 
 class SimOptions(msgspec.Struct, frozen=True, kw_only=True):
@@ -49,6 +52,9 @@ class SimOptions(msgspec.Struct, frozen=True, kw_only=True):
     faults: tuple[FaultAction, ...] = ()
     fleet: FleetSpec = msgspec.field(default_factory=FleetSpec)
     demo: bool = True
+    router_tier: int = DEFAULT_ROUTER_TIER
+    """Router replicas of the router-tier regime, run after the sweep at its highest rate
+    (`run_router_tier`); below 2 (or a sweep already replicated): not run."""
 
 
 class Recovery(msgspec.Struct, frozen=True):
@@ -162,6 +168,8 @@ def options_from_args(args: argparse.Namespace) -> SimOptions:
         faults=faults,
         fleet=fleet,
         demo=not args.no_demo,
+        # The CLI may not offer the flag: the default regime then runs.
+        router_tier=getattr(args, "router_tier", DEFAULT_ROUTER_TIER),
     )
 
 
@@ -214,6 +222,31 @@ def run_sweep(
             )
             summaries.append(summary)
     return summaries
+
+
+def tier_options(options: SimOptions) -> SimOptions | None:
+    """The options of the router-tier regime, or None when it does not run."""
+    policies = tuple(p for p in TIER_POLICIES if p in options.policies)
+    if options.router_tier < 2 or options.fleet.routers != 1 or not policies:
+        return None
+    fleet = msgspec.structs.replace(options.fleet, routers=options.router_tier)
+    return msgspec.structs.replace(options, fleet=fleet, policies=policies, qps=(max(options.qps),))
+
+
+def run_router_tier(
+    options: SimOptions,
+    trace: Sequence[SimRequest] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> list[RunSummary]:
+    """The sweep's highest rate again behind a tier of ``router_tier`` router replicas.
+
+    Each request reaches one replica at random (the same replica for the same request in every
+    policy). The approximate router's replicas each keep their own history, as GIE's EPP
+    replicas do; precise_load's share the index the engines' events feed. Nothing else changes:
+    same requests, fleet, timing and load signals as the sweep's row at that rate.
+    """
+    tier = tier_options(options)
+    return run_sweep(tier, trace, progress) if tier is not None else []
 
 
 def demo_faults(duration: float) -> list[FaultAction]:
@@ -289,7 +322,9 @@ def sim_command(args: argparse.Namespace) -> None:
     console = Console()
     if not console.is_terminal:  # a pipe or a file: do not squeeze the table into 80 columns
         console = Console(width=max(console.width, 120))
+    tier = tier_options(options)
     runs = len(options.qps) * len(options.policies) + (1 if options.demo else 0)
+    runs += len(tier.policies) if tier is not None else 0
     started = time.perf_counter()
     with Progress(
         "[progress.description]{task.description}",
@@ -305,9 +340,16 @@ def sim_command(args: argparse.Namespace) -> None:
             bar.advance(task, count)
 
         summaries = run_sweep(options, trace, advance)
+        tiered = run_router_tier(options, trace, advance)
         healing = run_self_healing(options, trace, advance) if options.demo else None
     elapsed = time.perf_counter() - started
-    targets = report.evaluate_targets(summaries, healing, faults=bool(options.faults))
-    report.print_report(console, options, summaries, healing, targets, elapsed)
-    report.write_outputs(out, options, summaries, healing, targets, elapsed)
+    targets = report.evaluate_targets(
+        summaries,
+        healing,
+        faults=bool(options.faults),
+        tier=tiered,
+        tier_routers=options.router_tier,
+    )
+    report.print_report(console, options, summaries, healing, targets, elapsed, tiered)
+    report.write_outputs(out, options, summaries, healing, targets, elapsed, tiered)
     console.print(f"wrote {out}/results.json, results.csv and the plots ({elapsed:.0f} s)")

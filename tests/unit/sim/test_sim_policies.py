@@ -152,3 +152,35 @@ def test_make_policy_names_what_is_missing() -> None:
     for name in ("precise", "precise_load", "oracle"):
         with pytest.raises(ValueError, match="needs"):
             make_policy(name, pods=PODS, seed=0)
+
+
+def test_approximate_replicas_keep_separate_histories() -> None:
+    # Two router replicas, each request reaching one of them: a prefix one replica sent to a
+    # pod is unknown to the other, which routes it by load alone.
+    policy = make_policy("approximate", pods=PODS, seed=0, approximate_chunk_tokens=4, routers=2)
+    assert isinstance(policy, ApproximatePolicy)
+    prompt = list(range(300, 340))
+    chosen = policy.choose(ctx(prompt))
+    first_chunk = policy.chunks(prompt)[0]
+    assert sorted(first_chunk in replica[chosen] for replica in policy.histories) == [False, True]
+    single = make_policy("approximate", pods=PODS, seed=0, approximate_chunk_tokens=4)
+    pod = single.choose(ctx(prompt))
+    assert all(single.choose(ctx(prompt)) == pod for _ in range(10))
+
+
+def test_approximate_defaults_are_gies() -> None:
+    # hashBlockSize 64 characters = 16 tokens at GIE's 4 characters per token.
+    policy = ApproximatePolicy(PODS, random.Random(0))
+    assert (policy.chunk_tokens, policy.max_chunks, policy.lru_entries) == (16, 256, 31_250)
+    assert len(policy.chunks(list(range(100, 100 + 16 * 5 + 7)))) == 5
+
+
+def test_precise_load_replicas_share_the_index() -> None:
+    indexer = Indexer()
+    prompt = list(range(4000, 4000 + 160))
+    indexer.index.add(None, indexer.block_keys(prompt)[:8], [PodEntry("c")])
+    routers = [Router(indexer) for _ in range(2)]
+    policy = make_policy("precise_load", pods=PODS, seed=0, router=routers)
+    assert all(policy.choose(ctx(prompt)) == "c" for _ in range(8))
+    decided = [router.statistics()["decisions"] for router in routers]
+    assert sum(decided) == 8 and min(decided) > 0  # both replicas took requests
