@@ -6,11 +6,12 @@ import dataclasses
 import threading
 import time
 from collections.abc import Collection, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from kvcache.config import Config, IndexConfig
-from kvcache.hashing import KeyScheme, MMItem, RequestExtras, make_scheme
+from kvcache.hashing import KeyScheme, MMItem, RequestExtras, TokenIds, VllmScheme, make_scheme
 from kvcache.histogram import LatencyHistogram
+from kvcache.index.memory import TableIndex
 from kvcache.index.protocol import Index
 from kvcache.priority import ReadPriority
 from kvcache.scoring import LongestPrefixScorer
@@ -99,7 +100,7 @@ class Indexer:
 
     def block_keys(
         self,
-        token_ids: Sequence[int],
+        token_ids: TokenIds,
         model: str = "",
         *,
         lora: str | None = None,
@@ -108,11 +109,31 @@ class Indexer:
         """The block keys the engine computes for these tokens (full blocks only)."""
         if lora is not None:
             extra = dataclasses.replace(extra or RequestExtras(), lora_name=lora)
-        return self.scheme.block_keys(token_ids, model=model, extras=extra)
+        return self.scheme.block_keys(token_ids, model=model, extras=extra)  # type: ignore[arg-type]
+
+    def _request_keys(
+        self,
+        token_ids: TokenIds,
+        model: str,
+        lora: str | None,
+        extra: RequestExtras | None,
+    ) -> Sequence[int]:
+        """`block_keys` as the lookup takes them: a u64 array when the scheme makes one and the
+        index reads one (the in-process tables), saving a Python int per block both ways."""
+        scheme = self.scheme
+        if (
+            lora is None
+            and extra is None
+            and isinstance(scheme, VllmScheme)
+            and isinstance(self.index, TableIndex)
+        ):
+            # TableIndex takes any u64 buffer where the protocol says Sequence[int].
+            return cast("Sequence[int]", scheme.block_key_array(token_ids))
+        return self.block_keys(token_ids, model, lora=lora, extra=extra)
 
     def score_tokens(
         self,
-        token_ids: Sequence[int],
+        token_ids: TokenIds,
         model: str = "",
         pods: Collection[str] | None = None,
         *,
@@ -121,15 +142,16 @@ class Indexer:
     ) -> dict[str, float]:
         """Pod -> weighted count of leading blocks cached, for pods holding block 0.
 
-        ``pods`` restricts the candidates (None or empty: all pods). Fewer tokens than one block
-        give ``{}``.
+        ``token_ids``: any int sequence or 1-D integer array (a uint32 ndarray goes to the hash
+        kernel as it is). ``pods`` restricts the candidates (None or empty: all pods). Fewer
+        tokens than one block give ``{}``.
         """
         with self.read_priority.reading():
             return self._score(token_ids, model, pods, lora, extra, False).scores
 
     def score_tokens_detailed(
         self,
-        token_ids: Sequence[int],
+        token_ids: TokenIds,
         model: str = "",
         pods: Collection[str] | None = None,
         *,
@@ -146,7 +168,7 @@ class Indexer:
 
     def _score(  # noqa: PLR0917 (private; mirrors the public signatures)
         self,
-        token_ids: Sequence[int],
+        token_ids: TokenIds,
         model: str,
         pods: Collection[str] | None,
         lora: str | None,
@@ -157,8 +179,8 @@ class Indexer:
         if self.tracer is not None:
             return self._traced(self.tracer, token_ids, model, pods, lora, extra, detailed)
         started = time.perf_counter()
-        keys = self.block_keys(token_ids, model, lora=lora, extra=extra)
-        if not keys:
+        keys = self._request_keys(token_ids, model, lora, extra)
+        if len(keys) == 0:
             return ScoreDetail({}, {}, 0)
         looking = time.perf_counter()
         runs = self.index.lookup_runs(keys, pods or None)
@@ -182,7 +204,7 @@ class Indexer:
     def _traced(  # noqa: PLR0917 (private; mirrors the public signatures)
         self,
         tracer: Tracer,
-        token_ids: Sequence[int],
+        token_ids: TokenIds,
         model: str,
         pods: Collection[str] | None,
         lora: str | None,
@@ -195,7 +217,7 @@ class Indexer:
         """
         with tracer.start_as_current_span("llm_d.kv_cache.score_tokens") as span:
             started = time.perf_counter()
-            keys = self.block_keys(token_ids, model, lora=lora, extra=extra)
+            keys = self._request_keys(token_ids, model, lora, extra)
             span.set_attributes(
                 {
                     "gen_ai.request.model": model,
@@ -204,7 +226,7 @@ class Indexer:
                     "llm_d.kv_cache.block_keys.count": len(keys),
                 }
             )
-            if not keys:
+            if len(keys) == 0:
                 return ScoreDetail({}, {}, 0)
             looking = time.perf_counter()
             runs = self.index.lookup_runs(keys, pods or None)

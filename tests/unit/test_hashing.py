@@ -83,15 +83,24 @@ def test_vector_file_has_every_case() -> None:
     assert len(FNV_CASES) == 6
 
 
-@pytest.mark.parametrize("case", VLLM_CASES, ids=lambda c: c["id"])
-def test_vllm_vector(case: dict[str, Any]) -> None:
-    inputs = case["inputs"]
+def _vector_scheme(inputs: dict[str, Any], kernel: bool) -> VllmScheme:
     scheme = VllmScheme(
         inputs["algo"],
         seed=inputs["PYTHONHASHSEED"],
         block_size=inputs["block_size"],
         era=ERA_OF_VECTOR[inputs["extra_key_era"]],
+        kernel=kernel,
     )
+    # The compiled chain serves every SHA-256 case (those without extra keys go through it).
+    assert scheme.kernel == (kernel and inputs["algo"].startswith("sha256"))
+    return scheme
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "python"])
+@pytest.mark.parametrize("case", VLLM_CASES, ids=lambda c: c["id"])
+def test_vllm_vector(case: dict[str, Any], kernel: bool) -> None:
+    inputs = case["inputs"]
+    scheme = _vector_scheme(inputs, kernel)
     assert scheme.none_hash.hex() == case["none_hash"]["hex"]
     extras = _extras_of(inputs)
     tokens = inputs["token_ids"]
@@ -109,18 +118,17 @@ def test_vllm_vector(case: dict[str, Any]) -> None:
         assert key == block["u64"] == int(block["u64_hex"], 16)
         assert digest_to_u64(digest) == key
         assert _extra_keys_as_json(ek) == block["extra_keys_hashed"]
+    if all(ek is None for ek in extra_keys):  # plain tokens: the whole kernel path
+        assert scheme.block_keys(tokens) == keys
+        assert scheme.block_key_array(np.array(tokens, dtype=np.uint32)).tolist() == keys
 
 
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "python"])
 @pytest.mark.parametrize("case", VLLM_CASES, ids=lambda c: c["id"])
-def test_vllm_vector_chain_continuation(case: dict[str, Any]) -> None:
+def test_vllm_vector_chain_continuation(case: dict[str, Any], kernel: bool) -> None:
     """Hashing from block k with the digest of block k-1 as parent gives the same digests."""
     inputs = case["inputs"]
-    scheme = VllmScheme(
-        inputs["algo"],
-        seed=inputs["PYTHONHASHSEED"],
-        block_size=inputs["block_size"],
-        era=ERA_OF_VECTOR[inputs["extra_key_era"]],
-    )
+    scheme = _vector_scheme(inputs, kernel)
     extras = _extras_of(inputs)
     tokens = inputs["token_ids"]
     bs = inputs["block_size"]
@@ -132,13 +140,15 @@ def test_vllm_vector_chain_continuation(case: dict[str, Any]) -> None:
         assert rest == full[k:]
 
 
-def test_legacy_int_chain_vector() -> None:
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "python"])
+def test_legacy_int_chain_vector(kernel: bool) -> None:
     (case,) = LEGACY_CASES
     inputs = case["inputs"]
-    scheme = make_scheme(
-        "sha256_cbor_64bit", seed=inputs["PYTHONHASHSEED"], block_size=inputs["block_size"]
+    assert isinstance(make_scheme("sha256_cbor_64bit", seed="0"), VllmLegacy64Scheme)
+    scheme = VllmLegacy64Scheme(
+        seed=inputs["PYTHONHASHSEED"], block_size=inputs["block_size"], kernel=kernel
     )
-    assert isinstance(scheme, VllmLegacy64Scheme)
+    assert scheme.kernel == kernel
     assert scheme.none_hash == case["none_hash"]["int"]
     keys = scheme.block_keys(inputs["token_ids"])
     assert keys == [b["u64"] for b in case["blocks"]] == [b["hash_int"] for b in case["blocks"]]
@@ -349,7 +359,7 @@ def _random_tokens(n: int, seed: int = 7) -> list[int]:
 @pytest.mark.parametrize("name", ["sha256", "sha256_cbor", "xxhash", "xxhash_cbor"])
 def test_numpy_and_python_paths_agree(name: str) -> None:
     """Prompts above and below the vectorised-encoding threshold chain identically."""
-    scheme = VllmScheme(name, seed="1", block_size=16)
+    scheme = VllmScheme(name, seed="1", block_size=16, kernel=False)
     tokens = _random_tokens(4096 + 5)
     digests = scheme.block_digests(tokens)
     assert len(digests) == 256

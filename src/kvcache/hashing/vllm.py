@@ -9,6 +9,8 @@ from array import array
 from collections.abc import Callable
 from typing import Any, Final
 
+import numpy as np
+import numpy.typing as npt
 import xxhash
 
 from kvcache.errors import (
@@ -28,6 +30,15 @@ from kvcache.hashing.encoding import (
 from kvcache.hashing.extras import ExtraKeys, _vllm_block_extras
 from kvcache.hashing.model import _U64_MASK, ExtraKeyEra, HashAlgorithm, RequestExtras, TokenIds
 from kvcache.hashing.tokens import _as_u32, _check_block_size
+
+try:
+    from kvcache.hashing import _chain as _native
+except ImportError:  # built without a C compiler: the hashlib paths serve
+    _native = None  # type: ignore[assignment]
+
+KERNEL_AVAILABLE = _native is not None
+"""Whether the compiled chain kernel was built (see `VllmScheme`'s ``kernel``)."""
+_KERNEL_MAX_BLOCK: Final = 1 << 20  # the kernel's bound on its per-call buffer
 
 # ---------------------------------------------------------------------------------------------
 # vLLM schemes
@@ -50,6 +61,7 @@ class VllmScheme:
         "_cbor",
         "_cbor_prefix",
         "_cbor_primed",
+        "_kernel_mode",
         "_new",
         "_pickle_heads",
         "_pickle_mid",
@@ -72,7 +84,11 @@ class VllmScheme:
         seed: str | None = None,
         block_size: int = 16,
         era: ExtraKeyEra | str = ExtraKeyEra.TAGGED,
+        kernel: bool | None = None,
     ) -> None:
+        """``kernel``: hash plain-token chains with the compiled kernel (None: when built)."""
+        if kernel and not KERNEL_AVAILABLE:
+            raise ConfigError("kernel", "the compiled chain kernel was not built in this install")
         try:
             self.algorithm = HashAlgorithm(algorithm)
         except ValueError:
@@ -119,6 +135,20 @@ class VllmScheme:
         self._pickle_mid = (b"t" if bs > 3 else _TUPLE_OPS[bs]) + b"\x94"
         self._pickle_stop = b"\x87\x94."
         self._pickle_heads: dict[int, Any] = {}  # block length -> hasher primed with its head
+        # The kernel does SHA-256 chains without extra keys; pickle blocks only while they fit
+        # one pickle frame (as for the hand-built path below).
+        self._kernel_mode: int | None = None
+        usable = kernel is not False and _native is not None and bs <= _KERNEL_MAX_BLOCK
+        if usable and self.digest_size == 32:
+            if self._cbor:
+                self._kernel_mode = _native.MODE_CBOR
+            elif 2 + size + 2 + 7 * bs + 6 < _FRAME_TARGET - 16:
+                self._kernel_mode = _native.MODE_PICKLE
+
+    @property
+    def kernel(self) -> bool:
+        """Whether the compiled kernel hashes this scheme's chains (those without extra keys)."""
+        return self._kernel_mode is not None
 
     def __repr__(self) -> str:
         return (
@@ -132,8 +162,23 @@ class VllmScheme:
         self, tokens: TokenIds, *, model: str = "", extras: RequestExtras | None = None
     ) -> list[int]:
         """u64 keys of the full blocks (``model`` is not part of vLLM's hash)."""
+        if extras is None and self._kernel_mode is not None:
+            keys: list[int] = self.block_key_array(tokens).tolist()
+            return keys
         digests = self.block_digests(tokens, extras=extras)
         return _keys_from_digests(digests, self.digest_size)
+
+    def block_key_array(
+        self, tokens: TokenIds, *, model: str = "", extras: RequestExtras | None = None
+    ) -> npt.NDArray[np.uint64]:
+        """`block_keys` as a u64 array, what `Index.lookup_runs` takes without converting.
+
+        ``tokens`` may also be any 1-D buffer of native integers (e.g. a uint32 ndarray).
+        """
+        if extras is None and self._kernel_mode is not None:
+            raw = _kernel(_native.keys, tokens, self.block_size, self._kernel_mode, self.none_hash)
+            return np.frombuffer(raw, dtype=np.uint64)
+        return np.array(self.block_keys(tokens, model=model, extras=extras), dtype=np.uint64)
 
     def block_digests(
         self,
@@ -208,6 +253,9 @@ class VllmScheme:
         if num_blocks == 0:
             return []
         per_block = _vllm_block_extras(extras, self.era, bs, first_block, num_blocks)
+        if per_block is None and keep is None and self._kernel_mode is not None:
+            digests: list[bytes] = _native.digests(u32, bs, self._kernel_mode, parent)
+            return digests
         trail: bytes | list[bytes]
         if self._cbor:
             # (parent, tokens, extras) -> 0x83, bytes(parent), array(tokens), extras-or-null.
@@ -344,9 +392,14 @@ class VllmLegacy64Scheme:
     Extra keys use that release's layout (LoRA int id, MM identifier, salt).
     """
 
-    __slots__ = ("block_size", "name", "none_hash", "seed")
+    __slots__ = ("block_size", "kernel", "name", "none_hash", "seed")
 
-    def __init__(self, *, seed: str | None, block_size: int = 16) -> None:
+    def __init__(
+        self, *, seed: str | None, block_size: int = 16, kernel: bool | None = None
+    ) -> None:
+        """``kernel``: hash chains without extra keys with the compiled kernel (None: if built)."""
+        if kernel and not KERNEL_AVAILABLE:
+            raise ConfigError("kernel", "the compiled chain kernel was not built in this install")
         if not isinstance(seed, str):
             raise ConfigError(
                 "seed",
@@ -357,6 +410,8 @@ class VllmLegacy64Scheme:
         self.seed = seed
         self.block_size = _check_block_size(block_size)
         self.none_hash: int = _low64_sha256(_cbor_text(seed))
+        self.kernel = kernel is not False and KERNEL_AVAILABLE and block_size <= _KERNEL_MAX_BLOCK
+        """Whether the compiled kernel hashes chains without extra keys."""
 
     def __repr__(self) -> str:
         return f"VllmLegacy64Scheme(seed={self.seed!r}, block_size={self.block_size})"
@@ -386,6 +441,11 @@ class VllmLegacy64Scheme:
         if n == 0:
             return []
         per_block = _vllm_block_extras(extras, ExtraKeyEra.INT_ID, bs, first_block, n)
+        value = parent or self.none_hash
+        if per_block is None and self.kernel:
+            raw = _native.keys(u32, bs, _native.MODE_CBOR_INT, value)
+            chained: list[int] = np.frombuffer(raw, dtype=np.uint64).tolist()
+            return chained
         trail: bytes | list[bytes] = b"\xf6"
         if per_block is not None:
             trail = []
@@ -394,7 +454,6 @@ class VllmLegacy64Scheme:
                 _cbor_encode(keys, parts)
                 trail.append(b"".join(parts))
         data, ends = _encode_blocks(u32, bs, True, _cbor_head(4, bs), trail)
-        value = parent or self.none_hash
         out: list[int] = []
         start = 0
         for end in ends:
@@ -406,3 +465,18 @@ class VllmLegacy64Scheme:
 
 def _low64_sha256(data: bytes) -> int:
     return int.from_bytes(hashlib.sha256(data).digest()[-8:], "big")
+
+
+def _kernel(kernel: Callable[..., Any], tokens: TokenIds, *args: object) -> Any:
+    """Run a chain kernel on ``tokens`` as they are when it reads that form, else validated.
+
+    The kernel reads lists and tuples of ints and native integer buffers, and refuses other
+    forms or ids outside [0, 2**32) (TypeError/ValueError/BufferError, before any work): then
+    `_as_u32` converts the tokens, or raises the error that names the bad one.
+    """
+    if type(tokens) is list or type(tokens) is tuple or isinstance(tokens, array | np.ndarray):
+        try:
+            return kernel(tokens, *args)
+        except (TypeError, ValueError, OverflowError, BufferError):
+            pass
+    return kernel(_as_u32(tokens), *args)

@@ -266,6 +266,11 @@ def serve(config: Config) -> None:
                 log_config=None,  # keep our handler (JSON lines) for uvicorn's records too
                 lifespan="off",
                 access_log=False,
+                # httptools (the service extra) parses HTTP in C; h11 costs ~80 us more per
+                # request. "auto" takes uvloop when installed (the service extra installs it),
+                # ~40 us less per request than asyncio's loop.
+                http="httptools",
+                loop="auto",
             )
         )
         print(service.banner(), flush=True)

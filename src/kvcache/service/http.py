@@ -10,14 +10,16 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any, Protocol, TypeVar
 
 import msgspec
+import numpy as np
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import CollectorRegistry
 
 from kvcache.errors import KVCacheError
+from kvcache.hashing import TokenIds
 from kvcache.indexer import Indexer, ScoreDetail
 from kvcache.scoring import normalize_scores
 from kvcache.service.http_models import (
@@ -26,6 +28,7 @@ from kvcache.service.http_models import (
     OpenAICompletionRequest,
     PodInfo,
     PodList,
+    RawScoreTokensRequest,
     ScoreChatCompletionsRequest,
     ScoreCompletionsRequest,
     ScoreResponse,
@@ -37,6 +40,14 @@ from kvcache.tokenization.errors import (
     TokenizationTimeoutError,
     TokenizerNotFoundError,
 )
+
+try:
+    from kvcache.service import _token_json
+except ImportError:  # built without a C compiler: msgspec decodes every token id
+    _token_json = None  # type: ignore[assignment]
+
+FAST_TOKENS_AVAILABLE = _token_json is not None
+"""Whether /score_tokens reads token ids with the compiled parser (see `_decode_score_tokens`)."""
 
 log = logging.getLogger("kvcache.service.http")
 
@@ -85,6 +96,7 @@ class _ClientGoneError(Exception):
 _JSON: Headers = [(b"content-type", b"application/json")]
 _encode = msgspec.json.Encoder().encode
 _decode_any = msgspec.json.Decoder().decode
+_decode_raw_tokens = msgspec.json.Decoder(RawScoreTokensRequest).decode
 
 
 class HttpApp:
@@ -199,10 +211,10 @@ class HttpApp:
     # -- scoring --------------------------------------------------------------------------------
 
     async def _score_tokens(self, scope: Scope, receive: Receive) -> Response:
-        request = _decode(await self._body(scope, receive), ScoreTokensRequest)
-        self._check_tokens(request.token_ids, validated=True)
+        request, token_ids = _decode_score_tokens(await self._body(scope, receive))
+        self._check_tokens(token_ids, validated=True)
         self._check_pods(request.pods)
-        detail = await self._score(request.token_ids, request.model, request.pods, request.lora)
+        detail = await self._score(token_ids, request.model, request.pods, request.lora)
         return _scored(detail, request.pods, request.model)
 
     async def _score_completions(self, scope: Scope, receive: Receive) -> Response:
@@ -257,7 +269,7 @@ class HttpApp:
 
     async def _score(
         self,
-        token_ids: Sequence[int],
+        token_ids: TokenIds,
         model: str,
         pods: list[str] | None,
         lora: str | None,
@@ -277,7 +289,7 @@ class HttpApp:
             return await asyncio.to_thread(score)
         return score()
 
-    def _check_tokens(self, token_ids: Sequence[int], *, validated: bool) -> None:
+    def _check_tokens(self, token_ids: TokenIds, *, validated: bool) -> None:
         if len(token_ids) > self.max_tokens:
             raise _HttpError(
                 400, f"request has {len(token_ids)} tokens, more than the limit {self.max_tokens}"
@@ -372,6 +384,39 @@ def _scored(detail: ScoreDetail, pods: list[str] | None, model: str) -> Response
     normalized = normalize_scores(detail.scores, pods or None)
     response = ScoreResponse(detail.scores, normalized, detail.matched_blocks, detail.blocks, model)
     return 200, _encode(response), _JSON
+
+
+def _decode_score_tokens(
+    body: bytes,
+) -> tuple[ScoreTokensRequest | RawScoreTokensRequest, TokenIds]:
+    """A /score_tokens body and its token ids (a uint32 ndarray when the compiled parser read
+    them, then no Python int is made per token).
+
+    Bodies that open with ``token_ids`` (the usual layout) have the array parsed in place and
+    msgspec decodes the object without it; otherwise msgspec skips over the array as raw JSON
+    and the parser reads that. Whatever the parser does not take (a bad id, odd spellings, a
+    duplicate key) is decoded by msgspec as a whole, so errors and edge cases stay msgspec's.
+    """
+    if _token_json is not None:
+        try:
+            leading = _token_json.leading_token_ids(body)
+            if leading is not None:
+                ids, rest = leading
+                request = _decode_raw_tokens(b"{" + body[rest:])
+                if request.token_ids is msgspec.UNSET:  # else a duplicate key: msgspec's call
+                    return request, np.frombuffer(ids, dtype=np.uint32)
+            # Elsewhere in the object, msgspec keeps the last of duplicate keys where the full
+            # decode validates each: only a body with one key that can read "token_ids" (an
+            # escape could spell it too) takes this path.
+            elif body.count(b'"token_ids"') == 1 and b"\\u" not in body:
+                request = _decode_raw_tokens(body)
+                if request.token_ids is not msgspec.UNSET:
+                    ids = _token_json.u32_array(request.token_ids)
+                    return request, np.frombuffer(ids, dtype=np.uint32)
+        except (msgspec.DecodeError, ValueError):
+            pass  # msgspec below names what is wrong
+    full = _decode(body, ScoreTokensRequest)
+    return full, full.token_ids
 
 
 def _decode(body: bytes, kind: type[S]) -> S:

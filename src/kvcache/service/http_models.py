@@ -46,6 +46,17 @@ class ScoreTokensRequest(msgspec.Struct, forbid_unknown_fields=True, frozen=True
     lora: Annotated[str | None, _doc("The LoRA adapter name the engine hashes into keys.")] = None
 
 
+class RawScoreTokensRequest(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """`ScoreTokensRequest` with ``token_ids`` left as JSON text for the compiled parser, and
+    optional: it also decodes the body with that member cut out (`kvcache.service.http`). Not
+    in the OpenAPI document: the wire shape is `ScoreTokensRequest`'s."""
+
+    token_ids: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
+    model: str = ""
+    pods: list[str] | None = None
+    lora: str | None = None
+
+
 class ScoreCompletionsRequest(msgspec.Struct, frozen=True):
     """Body of POST /score_completions (the Go example's shape, plus kvcache's options)."""
 

@@ -1,0 +1,13 @@
+"""Type stub of the compiled vLLM block-key chains (src/kvcache/hashing/_chain.c)."""
+
+from typing import Final
+
+MODE_CBOR: Final[int]
+MODE_PICKLE: Final[int]
+MODE_CBOR_INT: Final[int]
+SHA_NI_SUPPORTED: Final[bool]
+
+def keys(tokens: object, block_size: int, mode: int, parent: bytes | int, /) -> bytes: ...
+def digests(tokens: object, block_size: int, mode: int, parent: bytes, /) -> list[bytes]: ...
+def sha256(data: object, /) -> bytes: ...
+def use_sha_ni(enabled: bool, /) -> bool: ...
