@@ -169,6 +169,8 @@ class HttpApp:
         except Exception:
             log.exception("internal error on %s %s", method, path)
             status, body, headers = 500, _encode({"error": "internal server error"}), _JSON
+        # A Content-Length (not chunked transfer): one write, and clients need no chunk parser.
+        headers = [*headers, (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 

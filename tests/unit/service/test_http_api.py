@@ -82,11 +82,14 @@ def call(
     }
     asyncio.run(app(scope, receive, send))  # type: ignore[arg-type]
     start, payload = sent
-    return Reply(
+    reply = Reply(
         start["status"],
         {k.decode(): v.decode() for k, v in start["headers"]},
         payload["body"],
     )
+    # every answer, errors included, says its length (no chunked transfer)
+    assert reply.headers["content-length"] == str(len(reply.body))
+    return reply
 
 
 @pytest.fixture(scope="module")
