@@ -188,3 +188,43 @@ def test_dialable_endpoints_pass_validation(endpoint: str) -> None:
 def test_without_dynamic_an_endpoint_is_still_required() -> None:
     with pytest.raises(ConfigError, match="at least one endpoint"):
         Subscriber(lambda frames: None)
+
+
+def test_stop_returns_while_a_publisher_floods_a_slow_sink(
+    publishers: Callable[[], tuple[zmq.Socket[bytes], str]],
+) -> None:
+    """A backlog that never drains (the engine publishes faster than the sink applies) must not
+    keep the receive thread from seeing `stop`; the payload arrives as a zmq.Frame."""
+    pub, endpoint = publishers()
+    received: list[list[object]] = []
+
+    def slow(frames: list[object]) -> None:
+        received.append(frames)
+        time.sleep(0.002)
+
+    subscriber = Subscriber(slow, connect=[endpoint])
+    subscriber.start()
+    flooding = threading.Event()
+    flooding.set()
+
+    def flood() -> None:
+        sent = 0
+        while flooding.is_set():
+            pub.send_multipart([b"kv@engine@m", sent.to_bytes(8, "big"), b"\x90" * 64])
+            sent += 1
+
+    sender = threading.Thread(target=flood, daemon=True)
+    sender.start()
+    try:
+        deadline = time.monotonic() + 10
+        while len(received) < 50:
+            assert time.monotonic() < deadline, "nothing arrived"
+            time.sleep(0.01)
+        subscriber.stop(timeout=5.0)
+        assert not subscriber.running  # stopped with the backlog still queued
+    finally:
+        flooding.clear()
+        sender.join(5)
+    topic, seq, payload = received[0]
+    assert topic == b"kv@engine@m" and isinstance(seq, bytes) and len(seq) == 8
+    assert isinstance(payload, zmq.Frame) and bytes(payload) == b"\x90" * 64

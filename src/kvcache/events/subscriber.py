@@ -195,12 +195,14 @@ class Subscriber:
         poller.register(wake_fd, zmq.POLLIN)
         sink = self._sink
         recv = socket.recv
+        stopping = self._stop.is_set
         try:
-            while not self._stop.is_set():
+            while not stopping():
                 ready = dict(poller.poll(100))
                 if socket in ready:
-                    # Drain what is queued before polling again: one poll per burst.
-                    while True:
+                    # Drain what is queued before polling again: one poll per burst, but a
+                    # publisher that never pauses must not keep `stop` waiting.
+                    while not stopping():
                         # Frame by frame without copies: half the cost of recv_multipart,
                         # which asks the socket for RCVMORE after every frame. The parts
                         # of a message arrive together, so only the first recv may find none.
