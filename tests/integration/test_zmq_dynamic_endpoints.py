@@ -227,4 +227,4 @@ def test_stop_returns_while_a_publisher_floods_a_slow_sink(
         sender.join(5)
     topic, seq, payload = received[0]
     assert topic == b"kv@engine@m" and isinstance(seq, bytes) and len(seq) == 8
-    assert isinstance(payload, zmq.Frame) and bytes(payload) == b"\x90" * 64
+    assert isinstance(payload, zmq.Frame) and payload.bytes == b"\x90" * 64
