@@ -22,6 +22,7 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode, Tracer
+from prometheus_client.registry import CollectorRegistry
 
 from kvcache.blocks import KeyType, PodEntry
 from kvcache.config import Config
@@ -434,3 +435,39 @@ def test_remote_parent_without_traceparent_imports_nothing() -> None:
         print(json.dumps(sorted(m for m in sys.modules if m.startswith("opentelemetry"))))
     """
     assert _run(script) == []
+
+
+def test_http_callers_trace_context_parents_the_score_span(
+    tracer: Tracer, exporter: InMemorySpanExporter
+) -> None:
+    """The same over HTTP: a ``traceparent`` header parents kvcache's score span."""
+    import asyncio
+
+    from kvcache.service.http import HttpApp
+
+    indexer = Indexer()
+    indexer.tracer = tracer
+    app = HttpApp(indexer, CollectorRegistry())
+    trace_id, parent_id = 0x0AF7651916CD43DD8448EB211C80319C, 0xB7AD6B7169203331
+    body = json.dumps({"token_ids": list(range(64)), "model": "m"}).encode()
+
+    def post(headers: list[tuple[bytes, bytes]]) -> int:
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/score_tokens", "headers": headers}
+        asyncio.run(app(scope, receive, send))  # type: ignore[arg-type]
+        return int(sent[0]["status"])
+
+    traceparent = f"00-{trace_id:032x}-{parent_id:016x}-01".encode()
+    assert post([(b"content-type", b"application/json"), (b"traceparent", traceparent)]) == 200
+    assert post([(b"content-type", b"application/json")]) == 200
+    child, root = [s for s in exporter.get_finished_spans() if s.name.endswith("score_tokens")]
+    assert child.context is not None and child.parent is not None
+    assert (child.context.trace_id, child.parent.span_id) == (trace_id, parent_id)
+    assert root.parent is None

@@ -8,6 +8,7 @@ naming the field; a 500 means a bug and is logged with its traceback.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
@@ -40,6 +41,7 @@ from kvcache.tokenization.errors import (
     TokenizationTimeoutError,
     TokenizerNotFoundError,
 )
+from kvcache.tracing import TRACE_HEADERS, remote_parent
 
 try:
     from kvcache.service import _token_json
@@ -64,6 +66,7 @@ S = TypeVar("S", bound=msgspec.Struct)
 MAX_TOKEN_ID = 2**32 - 1
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 """Probes and scrapes never need the bearer token."""
+_TRACE_HEADERS = frozenset(name.encode() for name in TRACE_HEADERS)
 
 
 class PodInspector(Protocol):
@@ -158,7 +161,7 @@ class HttpApp:
             if method == "POST":
                 # The whole scoring request (body, JSON, keys, lookup) runs ahead of bulk
                 # ingest, not only the lookup: see kvcache.priority.
-                with self.indexer.read_priority.reading():
+                with self.indexer.read_priority.reading(), self._caller_trace(scope):
                     status, body, headers = await self._dispatch(path, method, scope, receive)
             else:
                 status, body, headers = await self._dispatch(path, method, scope, receive)
@@ -173,6 +176,18 @@ class HttpApp:
         headers = [*headers, (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+    def _caller_trace(self, scope: Scope) -> contextlib.AbstractContextManager[None]:
+        """With tracing on, the caller's W3C trace context (``traceparent`` header) parents the
+        score spans; otherwise nothing (and no OpenTelemetry import)."""
+        if self.indexer.tracer is None:
+            return contextlib.nullcontext()
+        carrier = {
+            name.decode("latin-1"): value.decode("latin-1")
+            for name, value in scope.get("headers", ())
+            if name in _TRACE_HEADERS
+        }
+        return remote_parent(carrier)
 
     async def _dispatch(self, path: str, method: str, scope: Scope, receive: Receive) -> Response:
         methods = self._routes.get(path)
