@@ -34,8 +34,9 @@ from redis.retry import Retry
 
 from bench.stats import median, percentile, time_calls
 from kvcache.blocks import KeyType, PodEntry
-from kvcache.index.redis import RedisIndex, _command
+from kvcache.index.redis import RedisIndex
 from kvcache.index.redis_scripts import SHA
+from kvcache.index.redis_wire import resp_command
 from kvcache.scoring import LongestPrefixScorer
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -134,12 +135,12 @@ def floor(url: str, n: int, value: bytes) -> dict[str, float]:
     """One round trip of ``n`` pipelined GETs (the floor), one MGET of ``n`` keys, one PING."""
     pool, conn = _raw(url)
     keys = [b"floor:%d" % i for i in range(n)]
-    conn.send_packed_command([b"".join(_command(b"SET", k, value) for k in keys)])
+    conn.send_packed_command([b"".join(resp_command(b"SET", k, value) for k in keys)])
     for _ in keys:
         conn.read_response()
-    gets = b"".join(_command(b"GET", k) for k in keys)
-    mget = _command(b"MGET", *keys)
-    ping = _command(b"PING")
+    gets = b"".join(resp_command(b"GET", k) for k in keys)
+    mget = resp_command(b"MGET", *keys)
+    ping = resp_command(b"PING")
     out = {
         f"pipelined_{n}_get_us": median(time_calls(_pipelined(conn, gets, n), 300)) * 1e6,
         f"mget_{n}_us": median(time_calls(_pipelined(conn, mget, 1), 300)) * 1e6,

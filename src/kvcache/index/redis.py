@@ -36,26 +36,34 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
-import redis
 from numpy.typing import NDArray
-from redis.backoff import NoBackoff
 from redis.crc import key_slot
 from redis.exceptions import AskError, MovedError, NoScriptError, ResponseError, TryAgainError
-from redis.retry import Retry
 
 from kvcache.blocks import KeyType, PodEntry
 from kvcache.errors import ConfigError, IndexOperationError, UnknownKeyError
 from kvcache.index import redis_scripts as scripts
 from kvcache.index.keys import add_keys, as_entries, as_key, as_keys
+from kvcache.index.redis_wire import (
+    FAILED,
+    NODE_DOWN_ERRORS,
+    SLOTS,
+    UNAVAILABLE_ERRORS,
+    Node,
+    Topology,
+    UnavailableError,
+    call_once,
+    evalsha,
+    pack_key_rows,
+    pack_keys,
+    resp_command,
+)
 
 log = logging.getLogger("kvcache.index.redis")
 
 SCHEMES = {"redis": "redis", "rediss": "rediss", "valkey": "redis", "valkeys": "rediss"}
 CLUSTER_BUCKETS = 64
 """Hash tags used in cluster mode: a lookup is at most this many MGETs, spread over nodes."""
-_SLOTS = 16384
-_UNAVAILABLE_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
-_NODE_DOWN_ERRORS = (redis.exceptions.ClusterDownError, redis.exceptions.BusyLoadingError)
 
 _T = TypeVar("_T")
 
@@ -84,175 +92,6 @@ def normalize_url(url: str) -> str:
             "index.redis.url", f"unknown scheme {parts.scheme!r} (use {', '.join(SCHEMES)}, unix)"
         )
     return urlunsplit((SCHEMES[scheme], *parts[1:]))
-
-
-# --------------------------------------------------------------------------- RESP packing
-
-
-def _bulk(arg: bytes) -> bytes:
-    return b"$%d\r\n%b\r\n" % (len(arg), arg)
-
-
-def _command(*args: bytes) -> bytes:
-    return b"*%d\r\n" % len(args) + b"".join(_bulk(a) for a in args)
-
-
-def _key_block(base: bytes, keys: NDArray[np.uint64]) -> bytes:
-    """The RESP bulk strings ``base + key as 8 big-endian bytes`` for every key, built in numpy
-    (redis-py's packer costs ~2 µs an argument; this ~20 ns)."""
-    return _key_rows(np.frombuffer(b"$%d\r\n" % (len(base) + 8) + base, np.uint8), keys).tobytes()
-
-
-def _key_rows(heads: NDArray[np.uint8], keys: NDArray[np.uint64]) -> NDArray[np.uint8]:
-    """One row per key: its head (the bulk-string header and key base; one shared row, or one
-    row per key), the key as 8 big-endian bytes, CRLF."""
-    n, h = keys.size, heads.shape[-1]
-    rows = np.empty((n, h + 10), dtype=np.uint8)
-    rows[:, :h] = heads
-    rows[:, h : h + 8] = keys.astype(">u8").view(np.uint8).reshape(n, 8)
-    rows[:, h + 8] = 13
-    rows[:, h + 9] = 10
-    return rows
-
-
-def _evalsha(
-    name: str, keys: Sequence[bytes], key_block: bytes, nblock: int, *argv: bytes
-) -> bytes:
-    """EVALSHA of a script with ``keys`` then ``nblock`` packed keys (`_key_block`), then argv."""
-    nkeys = len(keys) + nblock
-    return (
-        b"*%d\r\n" % (3 + nkeys + len(argv))
-        + _bulk(b"EVALSHA")
-        + _bulk(scripts.SHA[name])
-        + _bulk(b"%d" % nkeys)
-        + b"".join(_bulk(k) for k in keys)
-        + key_block
-        + b"".join(_bulk(a) for a in argv)
-    )
-
-
-# --------------------------------------------------------------------------- nodes and routing
-
-
-class _UnavailableError(Exception):
-    """A node did not answer (refused, timed out, reset, cluster down). ``done`` counts the
-    queued operations that were fully applied before it happened."""
-
-    done = 0
-
-
-class _Failed:
-    """Reply placeholder for a command whose node was unavailable."""
-
-
-_FAILED = _Failed()
-
-
-class _Node:
-    """One server: a pool for reads (lookup timeout) and one for writes (write timeout)."""
-
-    def __init__(self, name: str, read: redis.ConnectionPool, write: redis.ConnectionPool) -> None:
-        self.name = name
-        self.read = read
-        self.write = write
-        self.down = False
-
-    def close(self) -> None:
-        self.read.disconnect()
-        self.write.disconnect()
-
-
-class _Topology:
-    """Which node serves which slot: one node standalone, CLUSTER SLOTS in a cluster."""
-
-    def __init__(self, url: str, timeout: float, write_timeout: float, cluster: bool | None):
-        self._timeouts = (timeout, write_timeout)
-        common: dict[str, Any] = {"retry": Retry(NoBackoff(), 0), "protocol": 2}
-        self._read_seed = redis.ConnectionPool.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout, **common
-        )
-        self._write_seed = redis.ConnectionPool.from_url(
-            url, socket_timeout=write_timeout, socket_connect_timeout=write_timeout, **common
-        )
-        seed = _Node(_pool_name(self._read_seed), self._read_seed, self._write_seed)
-        self.nodes: dict[str, _Node] = {seed.name: seed}
-        self.seed = seed
-        self._slot_nodes: list[_Node] = [seed]
-        self.lock = threading.Lock()
-        if cluster is None:
-            info = _call(seed.write, b"INFO", b"cluster")
-            cluster = b"cluster_enabled:1" in info
-        self.cluster = cluster
-        if cluster:
-            self.refresh()
-
-    def node(self, slot: int) -> _Node:
-        nodes = self._slot_nodes
-        return nodes[slot] if len(nodes) > 1 else nodes[0]
-
-    def refresh(self) -> None:
-        """Re-read the slot map from the first node that answers (cluster mode)."""
-        if not self.cluster:
-            return
-        last: Exception | None = None
-        for node in [self.seed, *self.nodes.values()]:
-            try:
-                slots = _call(node.write, b"CLUSTER", b"SLOTS")
-                break
-            except (*_UNAVAILABLE_ERRORS, ResponseError) as exc:
-                last = exc
-        else:
-            raise _UnavailableError(f"no cluster node answers CLUSTER SLOTS: {last}")
-        table: list[_Node | None] = [None] * _SLOTS
-        with self.lock:
-            for start, end, primary, *_ in slots:
-                host = primary[0].decode() if isinstance(primary[0], bytes) else str(primary[0])
-                node = self._node_at(host or self.seed_host(), int(primary[1]))
-                for s in range(int(start), int(end) + 1):
-                    table[s] = node
-            fallback = next((n for n in table if n is not None), self.seed)
-            self._slot_nodes = [n if n is not None else fallback for n in table]
-
-    def seed_host(self) -> str:
-        return str(self._read_seed.connection_kwargs.get("host", "127.0.0.1"))
-
-    def _node_at(self, host: str, port: int) -> _Node:
-        name = f"{host}:{port}"
-        node = self.nodes.get(name)
-        if node is None:
-            pools = []
-            for seed, timeout in zip(
-                (self._read_seed, self._write_seed), self._timeouts, strict=True
-            ):
-                kwargs = {**seed.connection_kwargs, "host": host, "port": port}
-                kwargs.pop("path", None)
-                kwargs.update(socket_timeout=timeout, socket_connect_timeout=timeout)
-                pools.append(redis.ConnectionPool(connection_class=seed.connection_class, **kwargs))
-            node = self.nodes[name] = _Node(name, pools[0], pools[1])
-        return node
-
-    def live_nodes(self) -> list[_Node]:
-        """Nodes that serve at least one slot."""
-        return list(dict.fromkeys(self._slot_nodes))
-
-    def close(self) -> None:
-        for node in self.nodes.values():
-            node.close()
-
-
-def _pool_name(pool: redis.ConnectionPool) -> str:
-    kw = pool.connection_kwargs
-    return str(kw.get("path") or f"{kw.get('host', '127.0.0.1')}:{kw.get('port', 6379)}")
-
-
-def _call(pool: redis.ConnectionPool, *args: bytes) -> Any:
-    """One command on a pooled connection (outside the hot paths)."""
-    conn: Any = pool.get_connection()
-    try:
-        conn.send_packed_command([_command(*args)], check_health=False)
-        return conn.read_response()
-    finally:
-        pool.release(conn)
 
 
 # --------------------------------------------------------------------------- queued operations
@@ -338,8 +177,8 @@ class RedisIndex:
         self.clear_chunk = b"%d" % clear_chunk
         self.backlog_limit = backlog_keys
         try:
-            self._topology = _Topology(self.url, timeout, write_timeout, cluster)
-        except (*_UNAVAILABLE_ERRORS, _UnavailableError, ResponseError) as exc:
+            self._topology = Topology(self.url, timeout, write_timeout, cluster)
+        except (*UNAVAILABLE_ERRORS, UnavailableError, ResponseError) as exc:
             raise ConfigError("index.redis.url", f"cannot use {url}: {exc}") from None
         nb = buckets or (CLUSTER_BUCKETS if self._topology.cluster else 1)
         self.buckets = nb
@@ -395,7 +234,7 @@ class RedisIndex:
         self._stats_lock = threading.Lock()
         try:
             self._check_generation()
-        except _UnavailableError as exc:
+        except UnavailableError as exc:
             raise ConfigError("index.redis.url", f"cannot use {url}: {exc}") from None
         self._flusher = threading.Thread(target=self._flush_loop, name="kvcache-redis", daemon=True)
         self._flusher.start()
@@ -484,9 +323,9 @@ class RedisIndex:
             self._flush_pending()
         b = self._bucket1(k)
         [value] = self._run(
-            [(self._slots[b], _command(b"GET", self._maps[b] + k.to_bytes(8, "big")))], False
+            [(self._slots[b], resp_command(b"GET", self._maps[b] + k.to_bytes(8, "big")))], False
         )
-        if value is _FAILED:
+        if value is FAILED:
             self._count("degraded_request_keys")
             raise UnknownKeyError(f"engine key {k}: index server unavailable")
         if not isinstance(value, bytes) or len(value) < 16:
@@ -536,9 +375,9 @@ class RedisIndex:
         """Summed ``used_memory`` and key count over the nodes (blocking; for benchmarks)."""
         memory = keys = 0
         for node in self._topology.live_nodes():
-            info = _call(node.write, b"INFO", b"memory").decode()
+            info = call_once(node.write, b"INFO", b"memory").decode()
             memory += int(info.split("used_memory:")[1].split()[0])
-            keys += int(_call(node.write, b"DBSIZE"))
+            keys += int(call_once(node.write, b"DBSIZE"))
         return {"used_memory": memory, "keys": keys}
 
     # ------------------------------------------------------------------ write queue
@@ -573,7 +412,7 @@ class RedisIndex:
             return [None] * len(ops)
         try:
             return self._apply(ops)
-        except _UnavailableError as exc:
+        except UnavailableError as exc:
             self._queue(ops[exc.done :])
             return [None] * len(ops)
 
@@ -630,7 +469,7 @@ class RedisIndex:
                 elif now >= self._next_generation_check:
                     self._next_generation_check = now + 5.0
                     self._check_generation()
-            except _UnavailableError:
+            except UnavailableError:
                 pass
             except Exception:  # pragma: no cover - never let the flusher die
                 log.exception("redis index flusher")
@@ -642,8 +481,8 @@ class RedisIndex:
         topology.refresh()
         for node in topology.live_nodes():
             try:
-                _call(node.read, b"PING")
-            except (*_UNAVAILABLE_ERRORS, ResponseError):
+                call_once(node.read, b"PING")
+            except (*UNAVAILABLE_ERRORS, ResponseError):
                 node.down = True
                 return
         was_down = self._outage()
@@ -667,7 +506,7 @@ class RedisIndex:
                 try:
                     self._apply(batch)
                     done = len(batch)
-                except _UnavailableError as exc:
+                except UnavailableError as exc:
                     done = exc.done
                 for _ in range(done):
                     applied = backlog.popleft()
@@ -684,12 +523,12 @@ class RedisIndex:
         every id cached here is forgotten (ids would be allocated anew)."""
         fresh = os.urandom(8).hex().encode()
         cmds = [
-            (self._dict_slot, _command(b"HSETNX", self._dict_key, b"g", fresh)),
-            (self._dict_slot, _command(b"HGET", self._dict_key, b"g")),
+            (self._dict_slot, resp_command(b"HSETNX", self._dict_key, b"g", fresh)),
+            (self._dict_slot, resp_command(b"HGET", self._dict_key, b"g")),
         ]
         _, generation = self._run(cmds, True)
-        if generation is _FAILED or not isinstance(generation, bytes):
-            raise _UnavailableError("entry dictionary unreachable")
+        if generation is FAILED or not isinstance(generation, bytes):
+            raise UnavailableError("entry dictionary unreachable")
         if generation != self._generation:
             if self._generation is not None:
                 log.warning("index server lost its data (new dictionary): caches dropped")
@@ -703,7 +542,7 @@ class RedisIndex:
 
     def _apply(self, ops: list[_Op]) -> list[Any]:
         """Apply ``ops`` in order: runs of evictions plus the add after them share round trips;
-        a clear is applied on its own. Raises _UnavailableError with ``done`` set."""
+        a clear is applied on its own. Raises UnavailableError with ``done`` set."""
         results: list[Any] = []
         i = 0
         try:
@@ -725,7 +564,7 @@ class RedisIndex:
                     results.append(again)
                     j += 1
                 i = j
-        except _UnavailableError as exc:
+        except UnavailableError as exc:
             exc.done = i
             raise
         return results
@@ -744,7 +583,10 @@ class RedisIndex:
             for op in engine:
                 b = self._bucket1(op.key)
                 cmds.append(
-                    (self._slots[b], _command(b"GET", self._maps[b] + op.key.to_bytes(8, "big")))
+                    (
+                        self._slots[b],
+                        resp_command(b"GET", self._maps[b] + op.key.to_bytes(8, "big")),
+                    )
                 )
             mappings = self._checked(self._run(cmds, True))
         # removals, grouped by (bucket, entry ids); removing commutes, so order inside is free
@@ -778,11 +620,11 @@ class RedisIndex:
         for b, tokens in group_order:
             arr = np.array(groups[(b, tokens)], dtype=np.uint64)
             revs = [self._revs[b] + t for t in tokens]
-            block = _key_block(self._data[b], arr)
+            block = pack_keys(self._data[b], arr)
             cmds.append(
                 (
                     self._slots[b],
-                    _evalsha("REMOVE", revs, block, arr.size, b"%d" % len(tokens), *tokens),
+                    evalsha("REMOVE", revs, block, arr.size, b"%d" % len(tokens), *tokens),
                 )
             )
         add_cmds: list[tuple[NDArray[np.uint64], int]] = []
@@ -798,7 +640,7 @@ class RedisIndex:
             if all(flags[g][pos : pos + 1] == b"1" for g, pos in places) and places:
                 name, value = mapping
                 b = self._bucket_of_name(name)
-                deletes.append((self._slots[b], _evalsha("DELETE_IF", [name], b"", 0, value)))
+                deletes.append((self._slots[b], evalsha("DELETE_IF", [name], b"", 0, value)))
         if deletes:
             self._checked(self._run(deletes, True))
         if add is None:
@@ -821,7 +663,7 @@ class RedisIndex:
         argv = (self.ttl_ms, b"%d" % len(tokens), *tokens)
         for b, keys, block in self._by_bucket(unique):
             revs = [self._revs[b] + t for t in tokens]
-            cmds.append((self._slots[b], _evalsha("ADD", revs, block, keys.size, *argv)))
+            cmds.append((self._slots[b], evalsha("ADD", revs, block, keys.size, *argv)))
             per_bucket.append((keys, b))
         if add.engine_keys is not None:
             self._mapping_commands(add.engine_keys, r, cmds)
@@ -848,14 +690,15 @@ class RedisIndex:
             cmds.append(
                 (
                     self._slots[b],
-                    _command(b"SET", self._maps[b] + key.to_bytes(8, "big"), value, *ttl),
+                    resp_command(b"SET", self._maps[b] + key.to_bytes(8, "big"), value, *ttl),
                 )
             )
 
     def _apply_clear(self, pod: str) -> int:
         [ids] = self._checked(
             self._run(
-                [(self._dict_slot, _command(b"HGET", self._dict_key, b"p:" + pod.encode()))], True
+                [(self._dict_slot, resp_command(b"HGET", self._dict_key, b"p:" + pod.encode()))],
+                True,
             )
         )
         if not isinstance(ids, bytes) or ids == b",":
@@ -870,7 +713,7 @@ class RedisIndex:
                 cmds.append(
                     (
                         self._slots[b],
-                        _evalsha("CLEAR", revs, b"", 0, self.clear_chunk, self._data[b], *tokens),
+                        evalsha("CLEAR", revs, b"", 0, self.clear_chunk, self._data[b], *tokens),
                     )
                 )
             replies = self._checked(self._run(cmds, True))
@@ -892,13 +735,14 @@ class RedisIndex:
             cmds = [
                 (
                     self._dict_slot,
-                    _evalsha("ENTRY_ID", [self._dict_key], b"", 0, enc, e.pod.encode()),
+                    evalsha("ENTRY_ID", [self._dict_key], b"", 0, enc, e.pod.encode()),
                 )
                 for e, enc in zip(missing, encoded, strict=True)
             ]
         else:
             cmds = [
-                (self._dict_slot, _command(b"HGET", self._dict_key, b"e:" + enc)) for enc in encoded
+                (self._dict_slot, resp_command(b"HGET", self._dict_key, b"e:" + enc))
+                for enc in encoded
             ]
         for e, reply in zip(missing, self._checked(self._run(cmds, True)), strict=True):
             if isinstance(reply, bytes):
@@ -907,24 +751,24 @@ class RedisIndex:
         return out
 
     def _checked(self, replies: list[Any]) -> list[Any]:
-        """Write replies, or _UnavailableError when a node did not answer or a command failed."""
+        """Write replies, or UnavailableError when a node did not answer or a command failed."""
         for reply in replies:
-            if reply is _FAILED:
-                raise _UnavailableError("a node did not answer")
+            if reply is FAILED:
+                raise UnavailableError("a node did not answer")
             if isinstance(reply, TryAgainError):
                 # a multi-key script on a slot being migrated (keys split between the nodes):
                 # queued and retried by the flusher until the migration is done; the nodes
                 # are fine, so lookups are not degraded for it
                 self._count("write_errors")
                 log.info("index write retried later: slot being migrated")
-                raise _UnavailableError(str(reply))
+                raise UnavailableError(str(reply))
             if isinstance(reply, ResponseError):
                 # e.g. OOM under maxmemory: keep the writes queued and retry them later
                 self._count("write_errors")
                 log.warning("index write failed: %s", reply)
                 for node in self._topology.live_nodes():
                     node.down = True
-                raise _UnavailableError(str(reply))
+                raise UnavailableError(str(reply))
         return replies
 
     # ------------------------------------------------------------------ lookups
@@ -932,7 +776,7 @@ class RedisIndex:
     def _fetch(self, r: NDArray[np.uint64]) -> tuple[list[Any], bool]:
         """Values of the keys up to the first missing one; False if a node did not answer."""
         if self.buckets == 1:
-            payload = b"*%d\r\n$4\r\nMGET\r\n" % (r.size + 1) + _key_block(self._data[0], r)
+            payload = b"*%d\r\n$4\r\nMGET\r\n" % (r.size + 1) + pack_keys(self._data[0], r)
             [values] = self._run([(self._slots[0], payload)], False)
             if not isinstance(values, list):
                 return [], False
@@ -946,14 +790,14 @@ class RedisIndex:
             sizes.append(keys.size)
         flat: list[Any] = []
         for n, reply in zip(sizes, self._run(cmds, False), strict=True):
-            flat.extend(reply if isinstance(reply, list) else [_FAILED] * n)
+            flat.extend(reply if isinstance(reply, list) else [FAILED] * n)
         inverse = np.empty_like(order)
         inverse[order] = np.arange(order.size)
         out = [flat[i] for i in inverse.tolist()]
         for i, value in enumerate(out):
             if value is None:
                 return out[:i], True
-            if value is _FAILED:
+            if value is FAILED:
                 return out[:i], False
         return out, True
 
@@ -1003,7 +847,7 @@ class RedisIndex:
         unknown = [t for t in tokens if t not in entries]
         if unknown:
             cmds = [
-                (self._dict_slot, _command(b"HGET", self._dict_key, b"i:" + t)) for t in unknown
+                (self._dict_slot, resp_command(b"HGET", self._dict_key, b"i:" + t)) for t in unknown
             ]
             for t, reply in zip(unknown, self._run(cmds, False), strict=True):
                 if isinstance(reply, bytes):
@@ -1036,13 +880,13 @@ class RedisIndex:
         """(bucket, its keys, their packed names) per bucket. Tags have one width, so all the
         names are built in one numpy pass. ``buckets`` given means ``keys`` are sorted by it."""
         if self.buckets == 1:
-            yield 0, keys, _key_block(self._data[0], keys)
+            yield 0, keys, pack_keys(self._data[0], keys)
             return
         if buckets is None:
             buckets = self._bucket(keys)
             order = np.argsort(buckets, kind="stable")
             keys, buckets = keys[order], buckets[order]
-        blob = _key_rows(self._heads[buckets], keys).tobytes()
+        blob = pack_key_rows(self._heads[buckets], keys).tobytes()
         width = len(blob) // keys.size
         cuts = [0, *(np.flatnonzero(buckets[1:] != buckets[:-1]) + 1).tolist(), keys.size]
         for start, end in itertools.pairwise(cuts):
@@ -1057,13 +901,13 @@ class RedisIndex:
     def _run(self, cmds: list[tuple[int, bytes]], write: bool) -> list[Any]:
         """Send every command to its node, all nodes before reading any reply (one round trip
         per node). Replies come back in order; a ResponseError is returned, not raised; a node
-        that fails marks its commands _FAILED (and itself down). Redirections (MOVED, ASK,
+        that fails marks its commands FAILED (and itself down). Redirections (MOVED, ASK,
         TRYAGAIN) and NOSCRIPT are resolved here."""
         replies: list[Any] = [None] * len(cmds)
         todo = list(range(len(cmds)))
-        asking: dict[int, _Node] = {}
+        asking: dict[int, Node] = {}
         for attempt in range(4):
-            by_node: dict[_Node, list[int]] = {}
+            by_node: dict[Node, list[int]] = {}
             for i in todo:
                 node = asking.get(i) or self._topology.node(cmds[i][0])
                 by_node.setdefault(node, []).append(i)
@@ -1072,7 +916,7 @@ class RedisIndex:
             for node, idxs in by_node.items():
                 if node.down and not write:
                     for i in idxs:
-                        replies[i] = _FAILED
+                        replies[i] = FAILED
                     continue
                 pool = node.write if write else node.read
                 payload = [
@@ -1080,13 +924,13 @@ class RedisIndex:
                 ]
                 try:
                     conn: Any = pool.get_connection()  # connects; releases itself if it fails
-                except _UNAVAILABLE_ERRORS:
+                except UNAVAILABLE_ERRORS:
                     self._node_failed(node, idxs, replies)
                     continue
                 try:
                     conn.send_packed_command([b"".join(payload)], check_health=False)
                     sent.append((node, pool, conn, idxs))
-                except _UNAVAILABLE_ERRORS:
+                except UNAVAILABLE_ERRORS:
                     conn.disconnect()
                     pool.release(conn)
                     self._node_failed(node, idxs, replies)
@@ -1100,7 +944,7 @@ class RedisIndex:
                             replies[i] = conn.read_response()
                         except ResponseError as exc:
                             replies[i] = exc
-                except _UNAVAILABLE_ERRORS:
+                except UNAVAILABLE_ERRORS:
                     conn.disconnect()
                     self._node_failed(node, idxs, replies)
                 finally:
@@ -1122,7 +966,7 @@ class RedisIndex:
                     self._count("redirects")
                 elif isinstance(reply, TryAgainError) and attempt < 3:
                     time.sleep(0.005)
-                elif isinstance(reply, _NODE_DOWN_ERRORS):
+                elif isinstance(reply, NODE_DOWN_ERRORS):
                     self._node_failed(self._topology.node(cmds[i][0]), [i], replies)
                     continue
                 else:
@@ -1131,25 +975,25 @@ class RedisIndex:
             if refresh:
                 try:
                     self._topology.refresh()
-                except _UnavailableError:
+                except UnavailableError:
                     break
             if not retry:
                 break
             todo = retry
         return replies
 
-    def _node_failed(self, node: _Node, idxs: list[int], replies: list[Any]) -> None:
+    def _node_failed(self, node: Node, idxs: list[int], replies: list[Any]) -> None:
         for i in idxs:
-            replies[i] = _FAILED
+            replies[i] = FAILED
         if not node.down:
             node.down = True
             self._count("outages")
             log.warning("index server %s unavailable: lookups degraded, writes queued", node.name)
         self._wake.set()
 
-    def _load_scripts(self, node: _Node) -> None:
+    def _load_scripts(self, node: Node) -> None:
         for body in scripts.ALL.values():
-            _call(node.write, b"SCRIPT", b"LOAD", body)
+            call_once(node.write, b"SCRIPT", b"LOAD", body)
         self._count("script_loads")
 
 
@@ -1180,7 +1024,7 @@ def _spread_tags(n: int) -> list[bytes]:
     tags: list[bytes] = []
     candidate = 0
     for i in range(n):
-        lo, hi = i * _SLOTS // n, (i + 1) * _SLOTS // n
+        lo, hi = i * SLOTS // n, (i + 1) * SLOTS // n
         while not lo <= key_slot(b"%05d" % candidate) < hi:
             candidate += 1
         tags.append(b"%05d" % candidate)  # one width: every block key has the same length
