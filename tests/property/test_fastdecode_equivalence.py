@@ -31,7 +31,7 @@ from kvcache.events import (
     decode_payload,
 )
 from kvcache.events import decode as decode_module
-from kvcache.events._fastdecode import scan
+from kvcache.events._fastdecode import scan, scan_runs
 from kvcache.events.schema import STORE_RUN, RunsMessage
 from kvcache.testing.events import identity_runs, join_runs, merge_removals
 
@@ -321,6 +321,18 @@ def test_mutated_batches_become_key_runs_only_when_they_decode_whole(payload: by
         assert_runs_mean_the_batch(fast, slow)
     else:
         assert_like_the_event_path(payload, fast)
+
+
+@SETTINGS
+@given(st.binary(max_size=300))
+def test_random_bytes_never_become_key_runs_they_do_not_mean(tail: bytes) -> None:
+    for payload in (tail, b"\x93\xcb" + bytes(8) + tail, b"\x93\xcb" + bytes(8) + b"\x91" + tail):
+        scan_runs(payload)  # must not crash or read out of bounds
+        fast, slow = decode_runs_both(payload)
+        if isinstance(fast, RunsMessage):
+            assert_runs_mean_the_batch(fast, slow)
+        else:
+            assert_like_the_event_path(payload, fast)
 
 
 def test_repeated_stored_keys_are_flagged_per_run() -> None:
