@@ -30,7 +30,8 @@ decode attempt:
    form; a short Python step normalises hashes to u64 and builds the model.
 3. **Per event.** When 1 and 2 fail (a bad event, a map-shaped batch, mixed forms): the batch
    is decoded with its events left as `msgspec.Raw`, and each event on its own. A failing event
-   is then diagnosed in plain Python to name the offending field; the others are kept.
+   is then diagnosed (`kvcache.events.diagnose`) to name the offending field; the others are
+   kept.
 
 All paths share the struct definitions and the hash conversion, so a valid event decodes to the
 same value whichever path it takes, up to the merging of removals on path 0 (property tests
@@ -52,21 +53,17 @@ import msgspec
 
 from kvcache.blocks import U64_MASK
 from kvcache.errors import ConfigError, InvalidBlockHashError
+from kvcache.events.diagnose import clip, diagnose
 from kvcache.events.schema import (
-    ALL_BLOCKS_CLEARED_TAG,
     BAD_BATCH,
     BAD_DELIMITER,
-    BAD_EVENT,
     BAD_HASH,
     BAD_PAYLOAD,
     BAD_SEQ,
     BAD_TOPIC,
-    BLOCK_REMOVED_TAG,
-    BLOCK_STORED_TAG,
     FRAME_COUNT,
     REPLAY_END_SEQ,
     TOKENS_OMITTED,
-    UNKNOWN_TYPE,
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,
@@ -117,7 +114,6 @@ BytesLike: TypeAlias = bytes | bytearray | memoryview
 _INT64_MIN: Final = -(1 << 63)
 _TOPIC_PREFIX: Final = "kv@"
 _SEQ_LEN: Final = 8
-_DETAIL_LIMIT: Final = 200
 _TOPIC_CACHE_LIMIT: Final = 1024
 _FORM_UNKNOWN: Final = 0
 _FORM_MAP: Final = 1
@@ -308,159 +304,6 @@ _CONVERTERS: Final[dict[type, Callable[[Any], Event]]] = {
 
 
 # --------------------------------------------------------------------------------------------
-# Diagnosis of an event the typed decoders refused
-# --------------------------------------------------------------------------------------------
-
-_Check: TypeAlias = Callable[[Any], "str | None"]
-
-
-_MSGPACK_NAMES: Final[dict[type, str]] = {
-    bool: "bool",
-    float: "float",
-    str: "str",
-    bytes: "bytes",
-    list: "array",
-    dict: "map",
-}
-
-
-def _kind(value: Any) -> str:
-    """Describe a generically decoded value the way msgpack would name it."""
-    if value is None:
-        return "nil"
-    if value.__class__ is int:
-        return str(value)
-    cls: type = value.__class__
-    return _MSGPACK_NAMES.get(cls, cls.__name__)
-
-
-def _check_hash(value: Any) -> str | None:
-    if value.__class__ is int or value.__class__ is bytes:
-        return None
-    return f"expected an int or bytes hash, got {_kind(value)}"
-
-
-def _check_optional_hash(value: Any) -> str | None:
-    return None if value is None else _check_hash(value)
-
-
-def _check_uint(value: Any) -> str | None:
-    if value.__class__ is int and value >= 0:
-        return None
-    return f"expected a non-negative int, got {_kind(value)}"
-
-
-def _check_list_of(item: _Check) -> _Check:
-    def check(value: Any) -> str | None:
-        if value.__class__ is not list:
-            return f"expected an array, got {_kind(value)}"
-        for position, element in enumerate(value):
-            problem = item(element)
-            if problem is not None:
-                return f"[{position}] {problem}"
-        return None
-
-    return check
-
-
-def _check_optional(inner: _Check) -> _Check:
-    def check(value: Any) -> str | None:
-        return None if value is None else inner(value)
-
-    return check
-
-
-def _check_int(value: Any) -> str | None:
-    return None if value.__class__ is int else f"expected an int, got {_kind(value)}"
-
-
-def _check_str(value: Any) -> str | None:
-    return None if value.__class__ is str else f"expected a str, got {_kind(value)}"
-
-
-def _check_extra_key_entry(value: Any) -> str | None:
-    if value is None or value.__class__ is list:
-        return None
-    return f"expected an array or nil, got {_kind(value)}"
-
-
-# (field, required, check) in wire order; mirrors the types of the wire structs in schema.py.
-_STORED_CHECKS: Final[tuple[tuple[str, bool, _Check], ...]] = (
-    ("block_hashes", True, _check_list_of(_check_hash)),
-    ("parent_block_hash", True, _check_optional_hash),
-    ("token_ids", True, _check_list_of(_check_uint)),
-    ("block_size", True, _check_uint),
-    ("lora_id", False, _check_optional(_check_int)),
-    ("medium", False, _check_optional(_check_str)),
-    ("lora_name", False, _check_optional(_check_str)),
-    ("extra_keys", False, _check_optional(_check_list_of(_check_extra_key_entry))),
-    ("group_idx", False, _check_optional(_check_uint)),
-    ("kv_cache_spec_kind", False, _check_optional(_check_str)),
-    ("kv_cache_spec_sliding_window", False, _check_optional(_check_int)),
-    ("locality", False, _check_optional(_check_str)),
-    ("ownership", False, _check_optional(_check_str)),
-    ("session_id", False, _check_optional(_check_str)),
-    ("lookahead_token_ids", False, _check_optional(_check_list_of(_check_list_of(_check_uint)))),
-    ("cache_salt", False, _check_optional(_check_str)),
-)
-_REMOVED_CHECKS: Final[tuple[tuple[str, bool, _Check], ...]] = (
-    ("block_hashes", True, _check_list_of(_check_hash)),
-    ("medium", False, _check_optional(_check_str)),
-    ("group_idx", False, _check_optional(_check_uint)),
-    ("locality", False, _check_optional(_check_str)),
-    ("ownership", False, _check_optional(_check_str)),
-)
-_CHECKS_BY_TAG: Final[dict[str, tuple[tuple[str, bool, _Check], ...]]] = {
-    BLOCK_STORED_TAG: _STORED_CHECKS,
-    BLOCK_REMOVED_TAG: _REMOVED_CHECKS,
-}
-
-
-def _clip(text: str, limit: int = _DETAIL_LIMIT) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _diagnose(raw: msgspec.Raw, error: BaseException) -> tuple[str, str]:
-    """Name the reason an event failed typed decoding: the first offending field in wire order.
-
-    Falls back to ``bad_event`` with msgspec's own message when no field check fails (e.g. a
-    map with a non-string key).
-    """
-    fallback = (BAD_EVENT, _clip(f"{type(error).__name__}: {error}"))
-    try:
-        event = _GENERIC.decode(raw)
-    except _DECODE_ERRORS:
-        return fallback
-    tag: Any
-    if event.__class__ is list:
-        if not event or event[0].__class__ is not str:
-            return BAD_EVENT, "array event without a string tag at index 0"
-        tag = event[0]
-    elif event.__class__ is dict:
-        tag = event.get("type")
-        if tag.__class__ is not str:
-            return BAD_EVENT, 'map event without a string "type"'
-    else:
-        return BAD_EVENT, f"event is {_kind(event)}, not an array or map"
-    if tag == ALL_BLOCKS_CLEARED_TAG:
-        return fallback
-    checks = _CHECKS_BY_TAG.get(tag)
-    if checks is None:
-        return UNKNOWN_TYPE, _clip(f"unknown event type {tag!r}")
-    for position, (name, required, check) in enumerate(checks, start=1):
-        if event.__class__ is list:
-            present = position < len(event)
-            value = event[position] if present else None
-        else:
-            present = name in event
-            value = event.get(name)
-        problem = check(value) if present else ("missing" if required else None)
-        if problem is not None:
-            return f"bad_{name}", _clip(f"{name}: {problem}")
-    return fallback
-
-
-# --------------------------------------------------------------------------------------------
 # Batches
 # --------------------------------------------------------------------------------------------
 
@@ -550,14 +393,14 @@ def _decode_batch(payload: BytesLike, skip_tokens: bool = False) -> EventBatch |
         try:
             events.append(convert[wire.__class__](wire))
         except InvalidBlockHashError as exc:
-            rejected.append(Rejection(index, BAD_HASH, _clip(str(exc))))
+            rejected.append(Rejection(index, BAD_HASH, clip(str(exc))))
     return EventBatch(whole.ts, events, whole.data_parallel_rank, rejected)
 
 
 def _malformed(error: BaseException) -> tuple[str, str]:
     if isinstance(error, RecursionError):
         return BAD_PAYLOAD, "msgpack nested too deeply"
-    return BAD_PAYLOAD, _clip(str(error))
+    return BAD_PAYLOAD, clip(str(error))
 
 
 def _classify_batch_error(payload: BytesLike, error: msgspec.ValidationError) -> tuple[str, str]:
@@ -570,7 +413,7 @@ def _classify_batch_error(payload: BytesLike, error: msgspec.ValidationError) ->
         _GENERIC.decode(payload)
     except _DECODE_ERRORS as malformed:
         return _malformed(malformed)
-    return BAD_BATCH, _clip(str(error))
+    return BAD_BATCH, clip(str(error))
 
 
 def _decode_batch_per_event(payload: BytesLike) -> EventBatch | tuple[str, str]:
@@ -598,13 +441,13 @@ def _decode_batch_per_event(payload: BytesLike) -> EventBatch | tuple[str, str]:
             decoder = _MAP_EVENT if _is_map_header(memoryview(raw)[0]) else _ARRAY_EVENT
             wire = decoder.decode(raw)
         except _DECODE_ERRORS as exc:
-            reason, detail = _diagnose(raw, exc)
+            reason, detail = diagnose(raw, exc)
             rejected.append(Rejection(index, reason, detail))
             continue
         try:
             events.append(_CONVERTERS[wire.__class__](wire))
         except InvalidBlockHashError as exc:
-            rejected.append(Rejection(index, BAD_HASH, _clip(str(exc))))
+            rejected.append(Rejection(index, BAD_HASH, clip(str(exc))))
     return EventBatch(ts, events, rank, rejected)
 
 

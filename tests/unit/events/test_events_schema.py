@@ -18,7 +18,7 @@ from kvcache.events import (
     decode_payload,
     schema,
 )
-from kvcache.events import decode as decode_module
+from kvcache.events import diagnose as diagnose_module
 
 
 def _names(struct: type[msgspec.Struct]) -> tuple[str, ...]:
@@ -70,8 +70,8 @@ def test_required_fields() -> None:
 
 
 def test_diagnosis_checks_cover_every_field_in_order() -> None:
-    stored = decode_module._STORED_CHECKS
-    removed = decode_module._REMOVED_CHECKS
+    stored = diagnose_module._STORED_CHECKS
+    removed = diagnose_module._REMOVED_CHECKS
     assert tuple(name for name, _, _ in stored) == schema.BLOCK_STORED_FIELDS
     assert tuple(name for name, _, _ in removed) == schema.BLOCK_REMOVED_FIELDS
     for checks, struct in ((stored, BlockStored), (removed, BlockRemoved)):
