@@ -18,13 +18,13 @@ from typing import Any
 import msgspec
 
 from kvcache import config_upstream
-from kvcache.config import (
+from kvcache.config import Config
+from kvcache.config_layers import (
     CONFIG_FILE_VARIABLE,
     ENV_NOT_SETTINGS,
     MASK,
     SECRET_FIELDS,
     URL_FIELDS,
-    Config,
     describe_type,
     env_name,
 )

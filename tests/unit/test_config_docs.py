@@ -8,7 +8,7 @@ import msgspec
 import pytest
 
 from kvcache import config_docs, config_upstream
-from kvcache.config import env_name, iter_fields
+from kvcache.config_layers import env_name, iter_fields
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 

@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from kvcache.config import Config, Override, load, read_file
+from kvcache.config import Config
+from kvcache.config_layers import Override, load, read_file
 from kvcache.errors import ConfigError
 from kvcache.service.cli import build_parser, serve_config
 

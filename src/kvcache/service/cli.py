@@ -12,7 +12,8 @@ from typing import NoReturn, TextIO
 
 import msgspec
 
-from kvcache.config import Config, LoadedConfig, Override, load
+from kvcache.config import Config
+from kvcache.config_layers import LoadedConfig, Override, load
 from kvcache.errors import KVCacheError
 from kvcache.hashing import SCHEME_NAMES, RequestExtras, make_scheme
 
