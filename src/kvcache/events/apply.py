@@ -17,12 +17,13 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import cast
 
 import numpy as np
 
 from kvcache.blocks import GPU, KeyType, PodEntry
 from kvcache.errors import KVCacheError, UnknownKeyError
+from kvcache.events.keychain import KeyChain, detect_scheme
 from kvcache.events.schema import (
     CLEAR,
     STORE_RUN,
@@ -36,18 +37,12 @@ from kvcache.events.schema import (
 )
 from kvcache.events.sequence import SequenceTracker, SeqVerdict
 from kvcache.hashing import (
-    HashAlgorithm,
     KeyScheme,
-    LlmdScheme,
-    SglangScheme,
-    VllmScheme,
 )
 from kvcache.index.protocol import Index
 
 log = logging.getLogger("kvcache.events")
 
-# How many digests of our own chain are kept to continue chains from known parents.
-CHAIN_STATE_LIMIT = 1 << 20
 # In identity mode, re-verify one checkable event in this many.
 REVERIFY_EVERY = 64
 # In identity mode the decoder may skip token ids (they only serve verification): one message
@@ -120,73 +115,10 @@ class IngestStats:
     blocks_skipped: Counter[str] = field(default_factory=Counter)
 
 
-class _Chain:
-    """Continue our scheme's chain from a known block: keys plus the state to go on from."""
-
-    def __init__(self, scheme: KeyScheme) -> None:
-        self.scheme = scheme
-        self.states: dict[int, Any] = {}
-
-    def extend(self, tokens: Sequence[int], parent_key: int | None, model: str) -> list[int] | None:
-        """Keys of the full blocks of ``tokens`` after ``parent_key`` (None: chain start).
-
-        Returns None when the parent's chain state is unknown (it cannot be resolved).
-        """
-        scheme = self.scheme
-        parent_state: Any = None
-        if parent_key is not None:
-            parent_state = self.states.get(parent_key)
-            if parent_state is None:
-                return None
-        if isinstance(scheme, VllmScheme):
-            digests = scheme.block_digests(tokens, parent=parent_state, first_block=1)
-            keys = [int.from_bytes(d[-8:], "big") for d in digests]
-            self._remember(keys, digests)
-        elif isinstance(scheme, SglangScheme):
-            digests = scheme.page_digests(tokens, parent=parent_state)
-            keys = [int.from_bytes(d[:8], "big") for d in digests]
-            self._remember(keys, digests)
-        elif isinstance(scheme, LlmdScheme):
-            keys = scheme.chain(tokens, parent=parent_state, model=model)
-            self._remember(keys, keys)
-        else:  # a user-supplied scheme: no chain continuation, only chain starts
-            if parent_key is not None:
-                return None
-            keys = scheme.block_keys(tokens, model=model)
-        return keys
-
-    def _remember(self, keys: Sequence[int], states: Sequence[Any]) -> None:
-        store = self.states
-        if len(store) + len(keys) > CHAIN_STATE_LIMIT:
-            # Drop the oldest half (dicts keep insertion order): cheap, and chains are mostly
-            # continued from recent blocks.
-            for key in list(store)[: len(store) // 2]:
-                del store[key]
-        store.update(zip(keys, states, strict=True))
-
-
 def _plain_text(event: BlockStored) -> bool:
     """No LoRA name and no extra keys: the event's keys follow from its tokens alone."""
     extra = event.extra_keys
     return not event.lora_name and (extra is None or extra.count(None) == len(extra))
-
-
-def _candidate_schemes(block_size: int, configured: KeyScheme) -> list[tuple[str, KeyScheme]]:
-    """vLLM schemes worth trying when a pod's hashes do not match ours."""
-    seeds: list[str | None] = [None, "0", "42"]
-    seed = getattr(configured, "seed", None)
-    if isinstance(seed, str) and seed not in seeds:
-        seeds.append(seed)
-    found: list[tuple[str, KeyScheme]] = []
-    for algorithm in HashAlgorithm:
-        for candidate_seed in seeds:
-            if candidate_seed is None and algorithm.value.startswith("xxhash"):
-                continue
-            label = f"{algorithm.value} with seed {candidate_seed or 'vllm-none-hash'!r}"
-            scheme = VllmScheme(algorithm, seed=candidate_seed, block_size=block_size)
-            found.append((label, scheme))
-    found.append(("sglang page hashes", SglangScheme(block_size=block_size)))
-    return found
 
 
 class EventApplier:
@@ -206,7 +138,7 @@ class EventApplier:
         self.pods: dict[str, PodState] = {}
         self.sequences = SequenceTracker()
         self.stats = IngestStats()
-        self._chain = _Chain(scheme)
+        self._chain = KeyChain(scheme)
         self._on_alarm = on_alarm
         # The run of consecutive same-kind operations of one pod and entry not yet applied:
         # stores (identity mode), removals, or stores with engine keys (dual mode, their
@@ -538,7 +470,7 @@ class EventApplier:
                 )
             return
         self.stats.hash_mismatches += 1
-        state.matched_scheme = self._detect(event)
+        state.matched_scheme = detect_scheme(event, self.scheme)
         previous = state.mode
         state.mode = HashMode.DUAL
         # Whatever was indexed under this pod's hashes lives in another key space: drop it.
@@ -558,21 +490,6 @@ class EventApplier:
         log.warning("%s", message, extra={"pod": state.pod, "matched_scheme": state.matched_scheme})
         if self._on_alarm is not None:
             self._on_alarm(state.pod, message)
-
-    def _detect(self, event: BlockStored) -> str | None:
-        if event.parent_block_hash is not None or not event.block_size:
-            return None
-        usable = len(event.token_ids) // event.block_size * event.block_size
-        if usable == 0:
-            return None
-        tokens = event.token_ids[:usable]
-        for label, scheme in _candidate_schemes(event.block_size, self.scheme):
-            try:
-                if scheme.block_keys(tokens) == list(event.block_hashes):
-                    return f"{label}, block size {event.block_size}"
-            except KVCacheError:
-                continue
-        return None
 
     def _stored_dual(
         self, state: PodState, event: BlockStored, entry: PodEntry, model: str
