@@ -22,11 +22,16 @@ real captures in ``tests/data/captures``; docs/sim-engine.md lists what is and i
 * A finished request releases its blocks last block first: cached blocks to the free queue's
   *tail* (so the LRU evicts a request's tail before its shared prefix), blocks without a hash
   (a partially filled last block) to its *head*, to be reused before any cached block.
+* `preempt` is vLLM's preemption by recompute: the request's blocks are freed as by `finish`
+  (its stored blocks stay cached until reused); the scheduler later `start`s it again with its
+  prompt and generated tokens, and the lookup hits whatever was not evicted meanwhile.
 * `reset` is ``reset_prefix_cache``: refused while requests run; AllBlocksCleared goes out with
   the next engine step. `restart` is a new process: an empty pool, sequence numbers from 0.
 
-Calls are engine steps: `start` is a request's prefill step, `finish` its decode steps. Each step
-with events publishes one batch to the sink, as vLLM's scheduler does.
+Calls are engine steps: `start` is a request's prefill step, `decode` one decode step (False,
+nothing changed, when the pool has no block for it), `finish` frees the request after running
+the decode steps of the outputs it is given. Each step with events publishes one batch to the
+sink, as vLLM's scheduler does.
 """
 
 from __future__ import annotations
@@ -51,11 +56,18 @@ class PoolExhaustedError(KVCacheError):
 
 
 class _Request:
-    __slots__ = ("blocks", "cached_blocks", "keys", "tokens")
+    __slots__ = ("blocks", "cached_blocks", "fed", "keys", "output", "tokens")
 
-    def __init__(self, tokens: list[int], keys: list[int], blocks: list[int], cached: int) -> None:
+    def __init__(
+        self, tokens: list[int], keys: list[int], blocks: list[int], cached: int, output: list[int]
+    ) -> None:
         self.tokens = tokens
+        """Tokens whose KV is computed (or being computed in this step)."""
         self.keys = keys
+        self.output = output
+        """The tokens `decode` will feed, in order (the request's future outputs)."""
+        self.fed = 0
+        """How many of ``output`` have been fed."""
         self.blocks = blocks
         """Physical block ids, in request order."""
         self.cached_blocks = cached
@@ -93,7 +105,10 @@ class SimEngine:
         self.blocks_stored = 0
         self.blocks_removed = 0
         self.decode_blocks_skipped = 0
-        """Decode blocks not allocated because the pool was full (vLLM would preempt)."""
+        """Decode blocks `finish` did not allocate because the pool was full (vLLM would
+        preempt; `decode` reports it to the caller instead)."""
+        self.preemptions = 0
+        """Requests preempted (`preempt`)."""
         self._new_pool()
 
     def _new_pool(self) -> None:
@@ -155,8 +170,12 @@ class SimEngine:
 
     # -- requests -----------------------------------------------------------------------------
 
-    def start(self, request_id: str, tokens: Sequence[int]) -> int:
+    def start(self, request_id: str, tokens: Sequence[int], output: Sequence[int] = ()) -> int:
         """Admit and prefill a request; returns its cached tokens (vLLM's num_cached_tokens).
+
+        ``output`` is what the request will generate, for `decode` to feed step by step. A
+        request resumed after `preempt` starts again with its prompt plus the outputs it had
+        generated as ``tokens`` (vLLM recomputes them) and the rest as ``output``.
 
         Raises PoolExhaustedError (nothing changed) when the prompt does not fit, and
         KVCacheError for a request id that is already running.
@@ -176,7 +195,7 @@ class SimEngine:
             if self._refs[block] == 0:
                 del self._free[block]
             self._refs[block] += 1
-        request = _Request(prompt, keys, blocks, hits)
+        request = _Request(prompt, keys, blocks, hits, list(output))
         self._requests[request_id] = request
         events = self._pending
         self._pending = []
@@ -213,6 +232,57 @@ class SimEngine:
                 self._cache_full_blocks(request, position + 1, events)
                 self._publish(events)
         del self._requests[request_id]
+        self._free_blocks(request)
+
+    def decode(self, request_id: str, count: int = 1) -> bool:
+        """One engine step computing the KV of the request's next ``count`` output tokens.
+
+        vLLM's ``allocate_slots`` for a running request: the blocks the new tokens start are
+        allocated (evicting cached ones), then the blocks they fill are stored. False, with
+        nothing changed, when the free queue cannot supply the blocks (vLLM then preempts).
+        The last output token is never fed (it is sampled, never computed): feeding it, or
+        an unknown request id, raises KVCacheError.
+        """
+        request = self._requests.get(request_id)
+        if request is None:
+            raise KVCacheError(f"request {request_id!r} is not running on {self.pod}")
+        if count < 1 or request.fed + count > len(request.output) - 1:
+            raise KVCacheError(
+                f"request {request_id!r}: cannot feed {count} more of its "
+                f"{len(request.output)} output tokens ({request.fed} fed; never the last)"
+            )
+        bs = self.block_size
+        total = len(request.tokens) + count
+        needed = -(-total // bs) - len(request.blocks)
+        if needed > len(self._free):
+            return False
+        request.tokens.extend(request.output[request.fed : request.fed + count])
+        request.fed += count
+        if total // bs > len(request.keys):
+            # Chained keys: those of the whole planned sequence start with the prompt's.
+            planned = request.tokens + request.output[request.fed : -1]
+            request.keys = self.scheme.block_keys(planned)
+        events = self._pending
+        self._pending = []
+        if needed > 0:
+            self._allocate(request, needed, events)
+        self._cache_full_blocks(request, total, events)
+        self._publish(events)
+        return True
+
+    def preempt(self, request_id: str) -> None:
+        """vLLM's preemption by recompute: the request's blocks are freed as by `finish`.
+
+        Its stored blocks stay in the prefix cache until reused, so a resumed request (`start`
+        again) hits whatever of them has not been evicted meanwhile.
+        """
+        request = self._requests.pop(request_id, None)
+        if request is None:
+            raise KVCacheError(f"request {request_id!r} is not running on {self.pod}")
+        self.preemptions += 1
+        self._free_blocks(request)
+
+    def _free_blocks(self, request: _Request) -> None:
         # vLLM frees a request's blocks last block first. Cached ones join the tail (LRU: its
         # tail is evicted before its prefix); blocks without a hash (a partial last block) go
         # to the head, to be reused at once.

@@ -138,10 +138,13 @@ class TruePod:
     def predict_ttft(
         self, now: float, prompt: Sequence[int], output_len: int, cached: int
     ) -> float:
-        """`PodScheduler.predict_ttft` for this prompt: its new blocks plus decode reserve."""
+        """`PodScheduler.predict_ttft` for this prompt: its new blocks (plus its decode reserve
+        when the scheduler reserves one)."""
         size = self.engine.block_size
         prompt_blocks = -(-len(prompt) // size)
-        reserve = -(-(len(prompt) + output_len) // size) - prompt_blocks + 1
+        reserve = 0
+        if self.scheduler.reserves_decode_blocks:
+            reserve = -(-(len(prompt) + output_len) // size) - prompt_blocks + 1
         return self.scheduler.predict_ttft(
             now, uncached=len(prompt) - cached, blocks=prompt_blocks - cached // size + reserve
         )

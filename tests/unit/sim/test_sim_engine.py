@@ -299,3 +299,85 @@ def test_short_prompt_publishes_nothing_and_scheme_must_match() -> None:
         SimEngine("p", block_size=8, num_blocks=10, scheme=make_scheme("sha256", block_size=4))
     with pytest.raises(KVCacheError):
         SimEngine("p", block_size=4, num_blocks=1, scheme=make_scheme("sha256", block_size=4))
+
+
+def test_pickle_capture_replayed_step_by_step_gives_the_captured_events() -> None:
+    """`decode` one token per engine step, the requests of one call in lockstep (as vLLM's
+    scheduler runs them), gives the captured batches too; the three-prompt call, whose
+    decode steps now interleave as the real engine's did, still has the same events."""
+    captured = captured_batches(PICKLE)
+    sink = ListSink()
+    engine = _engine("sha256", None, sink)
+    steps: dict[int, list[dict[str, Any]]] = {}
+    for request in _lines(PICKLE / "requests.jsonl"):
+        steps.setdefault(request["step"], []).append(request)
+    for step in sorted(steps):
+        requests = steps[step]
+        start, end = requests[0]["events_capture_range"]
+        before = len(sink.batches)
+        if requests[0]["kind"] == "reset_prefix_cache":
+            assert engine.reset()
+        else:
+            left = {}
+            for request in requests:
+                rid, outputs = request["request_id"], request["output_token_ids"]
+                cached = engine.start(rid, request["prompt_token_ids"], outputs)
+                assert cached == request["num_cached_tokens"], request["label"]
+                left[rid] = len(outputs) - 1  # the last output is never fed
+            while any(left.values()):
+                for rid, count in left.items():
+                    if count:
+                        assert engine.decode(rid)
+                        left[rid] = count - 1
+            for rid in left:
+                engine.finish(rid)
+        produced, expected = sink.batches[before:], captured[start:end]
+        if len(requests) == 1:
+            assert produced == expected, f"step {step}"
+        else:
+            assert [e for b in produced for e in b] == [e for b in expected for e in b]
+    assert [e for b in sink.batches for e in b] == [e for b in captured for e in b]
+    assert engine.running == 0
+
+
+def test_decode_refuses_a_dry_pool_and_preempt_keeps_the_cached_blocks() -> None:
+    sink = ListSink()
+    engine = _small(5, sink)  # 4 usable blocks
+    prompt, outputs = list(range(100, 108)), [50, 51, 52, 53, 54, 55]
+    assert engine.start("a", prompt, outputs) == 0  # blocks 1, 2
+    engine.start("b", list(range(300, 306)))  # blocks 3, 4: the pool is full
+    k0, k1 = _keys(prompt)
+    before = len(sink.batches)
+    # Output 50 starts a third block: none is free, so nothing happens (vLLM preempts).
+    assert not engine.decode("a")
+    assert len(sink.batches) == before and engine.used_blocks == 4
+    engine.preempt("b")  # b's blocks: the partial one to the head, its full one to the tail
+    assert engine.decode("a")  # takes b's partial block: no eviction, nothing stored yet
+    assert engine.decode("a", 3)  # outputs 51..53 fill the block (10 + 2 of 12 tokens)
+    k2 = _keys([*prompt, *outputs[:4]])[2]
+    assert sink.batches[-1] == [
+        BlockStored(
+            [k2],
+            k1,
+            outputs[:4],
+            BS,
+            None,
+            "GPU",
+            None,
+            [None],
+            group_idx=0,
+            kv_cache_spec_kind="full_attention",
+        )
+    ]
+    with pytest.raises(KVCacheError, match="never the last"):
+        engine.decode("a", 2)  # output 55 is sampled, never computed
+    engine.preempt("a")
+    assert engine.running == 0 and engine.used_blocks == 0 and engine.preemptions == 2
+    # Preempted, a's blocks stay cached: resumed with its generated tokens, it hits them all.
+    resumed = [*prompt, *outputs[:5]]
+    assert engine.held_keys() >= {k0, k1, k2}
+    assert engine.start("a", resumed, outputs[5:]) == 3 * BS
+    with pytest.raises(KVCacheError):
+        engine.preempt("nope")
+    with pytest.raises(KVCacheError):
+        engine.decode("nope")

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import pytest
 
+from kvcache.events.schema import BlockRemoved, BlockStored
 from kvcache.hashing import make_scheme
 from kvcache.sim.engine import SimEngine
 from kvcache.sim.timing import Job, PodScheduler, TimingModel, parse_timing
@@ -117,8 +118,13 @@ def test_a_request_larger_than_the_pool_is_rejected_not_fatal() -> None:
     assert small in scheduler.finished and not math.isnan(small.first_token)
 
 
-def test_block_pressure_keeps_the_head_waiting_until_blocks_free() -> None:
-    timing = TimingModel(prefill_per_token=0.0, step_overhead=0.01, kv_read_per_token=0.0)
+def test_reserving_decode_blocks_keeps_the_head_waiting_until_blocks_free() -> None:
+    timing = TimingModel(
+        prefill_per_token=0.0,
+        step_overhead=0.01,
+        kv_read_per_token=0.0,
+        reserve_decode_blocks=True,
+    )
     scheduler = PodScheduler(engine(num_blocks=9), timing)  # 8 usable blocks
     a = job("a", list(range(100, 100 + 3 * BS)), output=BS)  # 3 prompt + 2 decode blocks
     b = job("b", list(range(500, 500 + 3 * BS)), output=BS)
@@ -175,3 +181,52 @@ def test_queued_prefill_work_and_the_true_ttft_prediction() -> None:
     # tokens and its own 50 in one more step.
     predicted = scheduler.predict_ttft(0.0, uncached=50, blocks=5)
     assert predicted == pytest.approx(0.02 + 0.01 + 82 * 1e-4)
+
+
+def test_a_dry_pool_preempts_the_last_admitted_which_resumes_by_recompute() -> None:
+    timing = TimingModel(prefill_per_token=0.0, step_overhead=0.01, kv_read_per_token=0.0)
+    pool = engine(num_blocks=9)  # 8 usable blocks
+    scheduler = PodScheduler(pool, timing)
+    # 3 prompt blocks each; their 39 computed outputs need 3 more blocks each: 12 > 8.
+    a = job("a", list(range(100, 100 + 3 * BS)), output=40)
+    b = job("b", list(range(500, 500 + 3 * BS)), output=40)
+    scheduler.submit(a)
+    scheduler.submit(b)
+    scheduler.begin_step(0.0)
+    # vLLM admits on the prompt's blocks alone: both run (6 of 8 blocks).
+    assert (scheduler.running, scheduler.queued) == (2, 0)
+    run_rest(scheduler)
+    # Both took a decode block at position 48 (the pool's last two); at position 64 a needs
+    # one more: b, admitted last, is preempted (LIFO), a is never touched.
+    assert (scheduler.preemptions, a.preemptions, b.preemptions) == (1, 0, 1)
+    # b had produced its prefill token and one per step for positions 48..63: 17 outputs,
+    # which it recomputes with its prompt when resumed.
+    assert b.generated == 17
+    assert a.finished == pytest.approx(0.40)  # 1 prefill + 39 decode steps, undisturbed
+    assert b.first_token == pytest.approx(0.01)  # its first token came before the preemption
+    # b resumes when a frees its blocks (0.40): one step re-prefills and yields output 17,
+    # then 22 steps for outputs 18..39.
+    assert b.finished == pytest.approx(0.63)
+    assert pool.used_blocks == 0 and pool.preemptions == 1
+    assert isinstance(pool.sink, ListSink)
+    events = [event for batch in pool.sink.batches for event in batch]
+    stored = [e for e in events if isinstance(e, BlockStored)]
+    removed = [e.block_hashes[0] for e in events if isinstance(e, BlockRemoved)]
+    (first,) = [e for e in stored if e.token_ids[0] == b.prompt[0]]  # b's first prefill
+    # b's decode block (outputs 0..15 after its prompt) was stored, then evicted by a's.
+    (b_decode,) = [e for e in stored if e.parent_block_hash == first.block_hashes[-1]]
+    assert b_decode.token_ids == b.output[:BS]
+    assert b_decode.block_hashes[0] in removed
+    # The resumed prefill recomputed what had been evicted (b's last prompt block went too)
+    # and stored it under the same keys, its generated tokens included.
+    (resumed,) = [e for e in stored if e.token_ids[:BS] == list(b.prompt[2 * BS :])]
+    assert resumed.block_hashes == [first.block_hashes[-1], b_decode.block_hashes[0]]
+    assert resumed.token_ids == [*b.prompt[2 * BS :], *b.output[:BS]]
+    assert stored.index(resumed) > stored.index(b_decode)
+
+
+def test_parse_timing_reads_the_reserve_flag() -> None:
+    assert parse_timing(["reserve_decode_blocks=true"]).reserve_decode_blocks is True
+    assert parse_timing(["reserve_decode_blocks=0"]).reserve_decode_blocks is False
+    with pytest.raises(ValueError, match="true or false"):
+        parse_timing(["reserve_decode_blocks=maybe"])
