@@ -47,6 +47,7 @@ def test_results_json_has_every_policy_at_every_rate(sim_run: tuple[Path, str]) 
         assert 0 < row["ttft_p50"] <= row["ttft_p90"] <= row["ttft_p99"]
         assert row["throughput"] > 0
         assert row["completed"] == row["requests"] == 160
+        assert isinstance(row["preemptions"], int) and row["preemptions"] >= 0
     with open(out / "results.csv", newline="") as handle:
         table = list(csv.DictReader(handle))
     assert len(table) == len(rows)

@@ -421,6 +421,7 @@ def simulate(
             if progress is not None:
                 progress(1)
     record.sync_timeouts = fleet.sync_timeouts
+    record.preemptions = sum(scheduler.preemptions for scheduler in schedulers)
     record.ingest = fleet.ingest_statistics()
     record.publishers = fleet.publisher_statistics()
     record.wall_seconds = time.perf_counter() - started

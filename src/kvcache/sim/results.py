@@ -49,6 +49,8 @@ class RunRecord:
     aborted: int = 0
     rejected: int = 0
     sync_timeouts: int = 0
+    preemptions: int = 0
+    """Running requests the engines preempted (recompute) because their KV pool ran dry."""
     ingest: dict[str, int] = field(default_factory=dict)
     publishers: dict[str, int] = field(default_factory=dict)
     wall_seconds: float = 0.0
@@ -79,6 +81,7 @@ class RunSummary(msgspec.Struct, frozen=True):
     aborted: int
     rejected: int
     sync_timeouts: int
+    preemptions: int
     event_messages: int
     gaps: int
     resets: int
@@ -124,6 +127,7 @@ def summarize(record: RunRecord) -> RunSummary:
         aborted=record.aborted,
         rejected=record.rejected,
         sync_timeouts=record.sync_timeouts,
+        preemptions=record.preemptions,
         event_messages=record.ingest.get("messages", 0),
         gaps=record.ingest.get("gaps", 0),
         resets=record.ingest.get("resets", 0),

@@ -230,3 +230,10 @@ def test_parse_timing_reads_the_reserve_flag() -> None:
     assert parse_timing(["reserve_decode_blocks=0"]).reserve_decode_blocks is False
     with pytest.raises(ValueError, match="true or false"):
         parse_timing(["reserve_decode_blocks=maybe"])
+
+
+def test_a_runs_preemptions_reach_its_results_row() -> None:
+    from kvcache.sim.results import RunRecord, summarize
+
+    record = RunRecord(policy="precise", qps=1.0, workload="w", pods=["a"], preemptions=3)
+    assert summarize(record).preemptions == 3
