@@ -212,9 +212,10 @@ def load(
                     except OSError:
                         break  # the server is gone: the window ends with its errors
                     continue
+                took = clock() - now  # the answer's check is not the server's time
                 problem = check(which, status, body)
                 if problem is None:
-                    latencies.append(clock() - now)
+                    latencies.append(took)
                 else:
                     errors += 1
                     first = first or problem
