@@ -261,10 +261,7 @@ def assert_runs_mean_the_batch(fast: RunsMessage, slow: Message | FrameRejection
     assert isinstance(slow, Message) and not slow.batch.rejected, slow
     events = slow.batch.events
     assert all(e.token_ids for e in events if isinstance(e, BlockStored))
-    runs = [
-        (kind, medium, group, np.frombuffer(keys, np.uint64).tolist() if keys else [])
-        for kind, medium, group, keys, _ in fast.runs
-    ]
+    runs = [(kind, medium, group, run_keys(keys)) for kind, medium, group, keys, _ in fast.runs]
     assert join_runs(runs) == identity_runs(events)
     for kind, keys, repeats in runs_with_keys(fast):
         if kind == STORE_RUN:
@@ -281,11 +278,13 @@ def assert_runs_mean_the_batch(fast: RunsMessage, slow: Message | FrameRejection
     )
 
 
+def run_keys(keys: bytes | None) -> list[int]:
+    """A run's keys (native u64 bytes) as ints; a clear has none."""
+    return np.frombuffer(keys, np.uint64).tolist() if keys else []
+
+
 def runs_with_keys(message: RunsMessage) -> list[tuple[int, list[int], bool]]:
-    return [
-        (kind, np.frombuffer(keys, np.uint64).tolist() if keys else [], repeats)
-        for kind, _, _, keys, repeats in message.runs
-    ]
+    return [(kind, run_keys(keys), repeats) for kind, _, _, keys, repeats in message.runs]
 
 
 def assert_like_the_event_path(

@@ -143,29 +143,23 @@ static int skip(Cur *c) {
     }
 }
 
-static int read_array(Cur *c, uint64_t *n) {
+/* A container header: its fix form (first byte fix..fix+15) or the 16- and 32-bit forms
+ * (first byte wide and wide + 1); *n is its count of items (arrays) or pairs (maps). */
+static int read_container(Cur *c, uint8_t fix, uint8_t wide, uint64_t *n) {
     if (left(c) < 1) return -1;
     uint8_t b = *c->p++;
-    if (b >= 0x90 && b <= 0x9f) {
+    if (b >= fix && b <= fix + 0x0f) {
         *n = b & 0x0f;
         return 0;
     }
-    if (b == 0xdc) return read_be(c, 2, n);
-    if (b == 0xdd) return read_be(c, 4, n);
+    if (b == wide) return read_be(c, 2, n);
+    if (b == wide + 1) return read_be(c, 4, n);
     return -1;
 }
 
-static int read_map(Cur *c, uint64_t *n) {
-    if (left(c) < 1) return -1;
-    uint8_t b = *c->p++;
-    if (b >= 0x80 && b <= 0x8f) {
-        *n = b & 0x0f;
-        return 0;
-    }
-    if (b == 0xde) return read_be(c, 2, n);
-    if (b == 0xdf) return read_be(c, 4, n);
-    return -1;
-}
+static int read_array(Cur *c, uint64_t *n) { return read_container(c, 0x90, 0xdc, n); }
+
+static int read_map(Cur *c, uint64_t *n) { return read_container(c, 0x80, 0xde, n); }
 
 /* A str (any width); its UTF-8 bytes stay in the payload. */
 static int read_str(Cur *c, const uint8_t **s, uint64_t *len) {

@@ -366,7 +366,7 @@ class EventApplier:
             # the decoder skipped the tokens because the pod was in identity mode (see
             # skip_tokens_for), and the mode changes only while applying: it still is
             if state.mode is HashMode.IDENTITY:
-                self._coalesce(state, entry, hashes, removal=False)
+                self._coalesce(state, entry, hashes, _STORE)
             else:  # pragma: no cover - the decision and the apply run under one lock
                 self.stats.blocks_skipped["tokens_omitted"] += len(hashes)
             return
@@ -389,13 +389,10 @@ class EventApplier:
             return
         # Identity: the hashes are our keys. Consecutive stores of the same pod and entry are
         # coalesced into one index add.
-        self._coalesce(state, entry, hashes, removal=False)
+        self._coalesce(state, entry, hashes, _STORE)
 
-    def _coalesce(
-        self, state: PodState, entry: PodEntry, keys: Sequence[int], *, removal: bool
-    ) -> None:
+    def _coalesce(self, state: PodState, entry: PodEntry, keys: Sequence[int], kind: int) -> None:
         """Queue keys onto the pending run, applying the run first if this one differs."""
-        kind = _REMOVE if removal else _STORE
         if self._pending and (
             self._pending_kind != kind
             or self._pending_state is not state
@@ -520,18 +517,9 @@ class EventApplier:
         if len(keys) == len(event.block_hashes):
             # One engine key per request key: consecutive such stores of the pod and entry
             # become one index add (the engine -> request map is per position).
-            if self._pending and (
-                self._pending_kind != _DUAL_STORE
-                or self._pending_state is not state
-                or self._pending_entry != entry
-            ):
-                self._flush()
-            self._pending.extend(keys)
+            self._coalesce(state, entry, keys, _DUAL_STORE)
             self._pending_engine.extend(event.block_hashes)
             self._pending_map.update(zip(event.block_hashes, keys, strict=True))
-            self._pending_kind = _DUAL_STORE
-            self._pending_state = state
-            self._pending_entry = entry
             return
         self._flush()  # block sizes differ: many-to-one or one-to-many, one add per event
         self.index.add(event.block_hashes, keys, (entry,))
@@ -574,7 +562,7 @@ class EventApplier:
     def _removed(self, state: PodState, event: BlockRemoved) -> None:
         # Engines send one BlockRemoved per block: consecutive ones are applied as one run.
         self._coalesce(
-            state, state.entry(event.medium, event.group_idx), event.block_hashes, removal=True
+            state, state.entry(event.medium, event.group_idx), event.block_hashes, _REMOVE
         )
 
     def _evict_run(self, state: PodState, entry: PodEntry, keys: Sequence[int]) -> None:

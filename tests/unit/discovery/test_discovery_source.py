@@ -328,9 +328,19 @@ def test_credentials_come_from_a_kubeconfig(api: FakeApiServer, tmp_path: Path) 
             }
         )
     )
+    config = DiscoveryConfig(enabled=True, kubeconfig=str(kubeconfig), namespace="llm")
+    headers, target = _sync_with_own_credentials(api, config)
+    assert headers["authorization"] == "Bearer s3cr3t-token"
+    assert len(target.calls) == 3
+
+
+def _sync_with_own_credentials(
+    api: FakeApiServer, config: DiscoveryConfig
+) -> tuple[dict[str, str], RecordingTarget]:
+    """List once with the credentials ``config`` leads to (no client configuration handed
+    in); the first request's headers and what the reconciler did."""
     api.lists = [Reply(body=_file("initial_list.json"))]
     target = RecordingTarget()
-    config = DiscoveryConfig(enabled=True, kubeconfig=str(kubeconfig), namespace="llm")
     source = KubernetesPodSource(config, Reconciler(target, config))
     source.start()
     try:
@@ -338,8 +348,7 @@ def test_credentials_come_from_a_kubeconfig(api: FakeApiServer, tmp_path: Path) 
     finally:
         source.stop()
     _, _, headers = api.requests[0]
-    assert headers["authorization"] == "Bearer s3cr3t-token"
-    assert len(target.calls) == 3
+    return headers, target
 
 
 def _self_signed(directory: Path) -> tuple[Path, Path]:
@@ -391,17 +400,9 @@ def test_credentials_come_from_the_service_account_in_a_pod(
     with FakeApiServer(tls) as api:
         monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
         monkeypatch.setenv("KUBERNETES_SERVICE_PORT", str(api.http.server_address[1]))
-        api.lists = [Reply(body=_file("initial_list.json"))]
-        target = RecordingTarget()
         config = DiscoveryConfig(enabled=True, namespace="llm")
         assert config.kubeconfig is None
-        source = KubernetesPodSource(config, Reconciler(target, config))
-        source.start()
-        try:
-            assert source.wait_synced(20)
-        finally:
-            source.stop()
-        _, _, headers = api.requests[0]
+        headers, target = _sync_with_own_credentials(api, config)
     scheme, token = headers["authorization"].split(" ", 1)  # the client writes "bearer"
     assert (scheme.lower(), token) == ("bearer", "service-account-token")
     assert len(target.calls) == 3
