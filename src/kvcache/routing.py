@@ -14,6 +14,10 @@
 and `Router.pick` takes the cheapest, then credits it with the prompt's blocks as speculative
 index entries until the engine's own events confirm them (or the TTL runs out). Every decision
 carries the per-pod breakdown (`PodCost`) that explains it.
+
+Loads scraped from /metrics are stale between scrapes: a load that carries ``scraped_at`` gets
+the requests this Router sent to the pod since then added on top (in-flight accounting), so
+a burst of decisions between two scrapes does not pile onto the pod that looked idlest.
 """
 
 from __future__ import annotations
@@ -65,11 +69,26 @@ class PodLoad(msgspec.Struct, frozen=True):
     vLLM does not export it, but a router that tracks what it sent (and the cached tokens it
     predicted) knows it. When given, the queue is priced as this work instead of a flat
     ``queue_per_request`` per waiting request."""
+    scraped_at: float | None = None
+    """When these numbers were measured, on the Router's clock (``time.monotonic()`` unless the
+    Router was given another): e.g. the time a /metrics scrape was sent. Optional: when given,
+    the Router adds the requests it picked this pod for since then (and their predicted
+    uncached tokens) to ``waiting`` (and ``queued_prefill_tokens``), since the scrape cannot
+    show them yet. None: the load is taken as current and nothing is added."""
 
     def __post_init__(self) -> None:
         # msgspec checks the constraints when decoding, not on direct construction.
         if not isinstance(self.pod, str) or not self.pod:
             raise ValueError(f"PodLoad.pod must be a non-empty string, got {self.pod!r}")
+        if self.scraped_at is not None and (
+            isinstance(self.scraped_at, bool)
+            or not isinstance(self.scraped_at, int | float)
+            or not math.isfinite(self.scraped_at)
+        ):
+            raise ValueError(
+                f"PodLoad.scraped_at of {self.pod}: must be a finite time or None,"
+                f" got {self.scraped_at!r}"
+            )
         for name in ("waiting", "running", "queued_prefill_tokens"):
             value = getattr(self, name)
             if name == "queued_prefill_tokens" and value is None:
@@ -207,12 +226,16 @@ class PodCost(msgspec.Struct, frozen=True):
     """The pod's kv_usage or queue is at a saturation threshold: its stickiness is halved or
     less (it decays smoothly, see ``saturation``)."""
     load: PodLoad
-    """The load the cost was computed from."""
+    """The load the cost was computed from: the caller's, plus ``inflight`` requests in
+    ``waiting`` (and their predicted uncached tokens in ``queued_prefill_tokens``)."""
     kv_pressure_s: float = 0.0
     """prefill_s * kv_pressure * kv_usage: the cache this pod's new blocks evict, priced as the
     prefill it will cost others (not part of predicted_ttft_s)."""
     saturation: float = 0.0
     """`CostModel.saturation` of the load: the bonus is stickiness / (1 + saturation)."""
+    inflight: int = 0
+    """Requests this Router sent to the pod since its load was scraped (``scraped_at``),
+    counted in ``load`` on top of what the scrape showed."""
 
     def explain(self) -> str:
         """One line: the cost and its terms."""
@@ -221,11 +244,12 @@ class PodCost(msgspec.Struct, frozen=True):
         saturated = f" saturation {self.saturation:.2f}" if self.saturation else ""
         queued = self.load.queued_prefill_tokens
         work = "" if queued is None else f" queued prefill {queued} tokens"
+        sent = f" ({self.inflight} sent since scrape)" if self.inflight else ""
         return (
             f"{self.pod}: cost {self.cost_s:.4f}s = queue {self.queue_s:.4f}"
             f" + prefill {self.prefill_s:.4f} + transfer {self.transfer_s:.4f}{pressure}{sticky}"
             f" | blocks gpu {self.cached_blocks_gpu} cpu {self.cached_blocks_cpu},"
-            f" uncached {self.uncached_tokens} tokens | waiting {self.load.waiting}"
+            f" uncached {self.uncached_tokens} tokens | waiting {self.load.waiting}{sent}"
             f" running {self.load.running}{work} kv {self.load.kv_usage:.2f}{saturated}"
         )
 
@@ -266,6 +290,14 @@ class Router:
 
     Not a thread: expired speculative credits are removed on later `rank`/`pick` calls and by
     `expire()`. Safe to call from several threads.
+
+    In-flight accounting: for a load that carries ``PodLoad.scraped_at``, the requests this
+    Router picked the pod for at or after that time are added to the load before pricing (one
+    waiting request each, and its predicted uncached tokens to ``queued_prefill_tokens`` when
+    the load carries them). A newer snapshot of the pod forgets the picks it already shows.
+    Between two scrapes every decision would otherwise see the same numbers and send a whole
+    burst to the pod that looked least loaded. Several Routers in front of the same pods each
+    count only their own picks. At most ``MAX_INFLIGHT`` picks per pod are remembered.
     """
 
     def __init__(
@@ -287,6 +319,10 @@ class Router:
         # same pod must not remove the entry a newer decision still counts on.
         self._expiry: dict[tuple[str, int], float] = {}
         self._pending: collections.deque[tuple[float, str, tuple[int, ...]]] = collections.deque()
+        # pod -> (pick time, predicted uncached tokens) of the picks made since the newest
+        # snapshot of the pod this Router saw; pod -> that snapshot's time.
+        self._inflight: dict[str, collections.deque[tuple[float, int]]] = {}
+        self._snapshot_at: dict[str, float] = {}
         self._decisions = 0
         self._credited = 0
         self._expired = 0
@@ -330,6 +366,9 @@ class Router:
         credited = self._credit(chosen, keys) if speculative else 0
         with self._lock:
             self._decisions += 1
+            if ranked[0].load.scraped_at is not None:
+                picks = self._inflight.setdefault(chosen, collections.deque(maxlen=MAX_INFLIGHT))
+                picks.append((self._clock(), ranked[0].uncached_tokens))
         return Decision(chosen, ranked, len(token_ids), len(keys), credited)
 
     def expire(self) -> int:
@@ -358,10 +397,12 @@ class Router:
             return removed
 
     def statistics(self) -> dict[str, Any]:
-        """Decisions taken and speculative credits (decisions credited, blocks live, expired)."""
+        """Decisions taken, speculative credits (decisions credited, blocks live, expired) and
+        the picks counted on top of scraped loads (``inflight_requests``)."""
         with self._lock:
             return {
                 "decisions": self._decisions,
+                "inflight_requests": sum(len(picks) for picks in self._inflight.values()),
                 "speculative_credits": self._credited,
                 "speculative_failures": self._credit_failures,
                 "speculative_blocks_live": len(self._expiry),
@@ -369,6 +410,31 @@ class Router:
             }
 
     # -- internals --------------------------------------------------------------------------------
+
+    def _with_inflight(self, load: PodLoad) -> tuple[PodLoad, int]:
+        """``load`` plus this Router's picks of the pod since ``load.scraped_at``; their count."""
+        if load.scraped_at is None:
+            return load, 0
+        with self._lock:
+            picks = self._inflight.get(load.pod)
+            if load.scraped_at > self._snapshot_at.get(load.pod, -math.inf):
+                # A newer snapshot: the picks before it are in its numbers (or done).
+                self._snapshot_at[load.pod] = load.scraped_at
+                while picks and picks[0][0] < load.scraped_at:
+                    picks.popleft()
+            # An older snapshot than the newest seen (out of order) counts what is left.
+            since = [tokens for at, tokens in picks or () if at >= load.scraped_at]
+        if not since:
+            return load, 0
+        queued = load.queued_prefill_tokens
+        return (
+            msgspec.structs.replace(
+                load,
+                waiting=load.waiting + len(since),
+                queued_prefill_tokens=None if queued is None else queued + sum(since),
+            ),
+            len(since),
+        )
 
     def _rank(
         self,
@@ -395,7 +461,8 @@ class Router:
         model_ = self.cost
         longest = max((gpu + cpu for gpu, cpu in held.values()), default=0)
         costs: list[PodCost] = []
-        for load in loads:
+        for scraped in loads:
+            load, inflight = self._with_inflight(scraped)
             gpu, cpu = held.get(load.pod, (0, 0))
             cached_tokens = (gpu + cpu) * block_size
             uncached = len(token_ids) - cached_tokens
@@ -434,6 +501,7 @@ class Router:
                     load=load,
                     kv_pressure_s=round(pressure, 9),
                     saturation=round(saturation, 9),
+                    inflight=inflight,
                 )
             )
         costs.sort(key=lambda c: (c.cost_s, c.pod))
@@ -461,6 +529,10 @@ class Router:
             self._credited += 1
         return len(unique)
 
+
+MAX_INFLIGHT = 65_536
+"""Picks remembered per pod between two of its snapshots (a bound for a pod whose scrapes
+stopped: beyond it the oldest are forgotten and its queue is underestimated)."""
 
 MAX_USAGE = 0.99
 """`kv_usage` is capped here in the pressure term: a full pool costs 99x the prefill, not inf."""

@@ -111,6 +111,8 @@ def test_plots_and_self_healing_demo(sim_run: tuple[Path, str]) -> None:
         (["--faults", "drop=2"], "--faults"),
         (["--workload", "trace"], "--trace"),
         (["--timing", "warp=9"], "--timing"),
+        (["--scrape-interval", "-1"], "--scrape-interval"),
+        (["--scrape-interval", "nan"], "--scrape-interval"),
     ],
 )
 def test_bad_flags_are_one_clear_error(tmp_path: Path, args: list[str], message: str) -> None:

@@ -443,6 +443,86 @@ def test_ttl_must_be_positive(indexer: Indexer) -> None:
         Router(indexer, speculative_ttl=0.0)
 
 
+# -- in-flight accounting on top of scraped loads -------------------------------------------------
+
+
+def prompt(n: int) -> list[int]:
+    """A 100-token prompt sharing no block with ``prompt(m)`` for m != n."""
+    return list(range(10_000 * (n + 1), 10_000 * (n + 1) + 100))
+
+
+def test_without_a_scrape_time_a_burst_herds_onto_the_idlest_looking_pod(
+    indexer: Indexer,
+) -> None:
+    router = Router(indexer, MODEL, clock=FakeClock())
+    loads = [PodLoad("a"), PodLoad("b"), PodLoad("c")]  # the same numbers for the whole burst
+    assert [router.pick(prompt(n), loads).pod for n in range(3)] == ["a", "a", "a"]
+    assert router.statistics()["inflight_requests"] == 0
+
+
+def test_picks_since_the_scrape_spread_a_burst(indexer: Indexer) -> None:
+    clock = FakeClock()
+    router = Router(indexer, MODEL, clock=clock)
+    loads = [PodLoad(pod, scraped_at=clock.now - 0.01) for pod in "abc"]
+    picked = []
+    for n in range(4):
+        picked.append(router.pick(prompt(n), loads).pod)
+        clock.now += 0.001
+    # Each pick counts as a request waiting on its pod until the next scrape of that pod.
+    assert picked == ["a", "b", "c", "a"]
+    costs = by_pod(router.rank(prompt(9), loads))
+    assert (costs["a"].inflight, costs["b"].inflight, costs["c"].inflight) == (2, 1, 1)
+    assert costs["a"].load.waiting == 2
+    assert costs["a"].queue_s == pytest.approx(2 * MODEL.queue_per_request)
+    assert router.statistics()["inflight_requests"] == 4
+
+
+def test_inflight_picks_add_their_predicted_uncached_tokens(indexer: Indexer) -> None:
+    clock = FakeClock()
+    router = Router(indexer, MODEL, clock=clock)
+    hold(indexer, "a", 3)  # 48 of the prompt's 100 tokens cached on a: 52 to prefill there
+    scraped = PodLoad("a", queued_prefill_tokens=10, scraped_at=clock.now)
+    decision = router.pick(PROMPT, [scraped], speculative=False)
+    assert decision.ranked[0].uncached_tokens == 52
+    (a,) = router.rank(prompt(1), [scraped])
+    assert a.inflight == 1
+    assert (a.load.waiting, a.load.queued_prefill_tokens) == (1, 10 + 52)
+    assert a.queue_s == pytest.approx(62 * MODEL.prefill_per_token)
+    assert "(1 sent since scrape)" in a.explain()
+
+
+def test_a_newer_scrape_forgets_the_picks_it_already_shows(indexer: Indexer) -> None:
+    clock = FakeClock()
+    router = Router(indexer, MODEL, clock=clock)
+    first = clock.now
+    router.pick(prompt(0), [PodLoad("a", scraped_at=first)])  # at the scrape's instant: counted
+    clock.now += 0.02
+    router.pick(prompt(1), [PodLoad("a", scraped_at=first)])
+    (a,) = router.rank(prompt(2), [PodLoad("a", scraped_at=first)])
+    assert a.inflight == 2
+    # A scrape between the two picks shows the first; the second is still in flight.
+    (a,) = router.rank(prompt(2), [PodLoad("a", waiting=1, scraped_at=first + 0.01)])
+    assert (a.inflight, a.load.waiting) == (1, 2)
+    # A scrape after both shows both: nothing is added.
+    newer = PodLoad("a", waiting=2, scraped_at=clock.now + 0.001)
+    (a,) = router.rank(prompt(2), [newer])
+    assert (a.inflight, a.load) == (0, newer)
+    assert router.statistics()["inflight_requests"] == 0
+
+
+def test_each_pod_counts_against_its_own_scrape(indexer: Indexer) -> None:
+    clock = FakeClock()
+    router = Router(indexer, MODEL, clock=clock)
+    stale = [PodLoad("a", scraped_at=clock.now), PodLoad("b", waiting=1, scraped_at=clock.now)]
+    assert router.pick(prompt(0), stale).pod == "a"
+    clock.now += 0.01
+    # b was scraped again (its queue drained); a's scrape is still the old one.
+    fresh = [stale[0], PodLoad("b", scraped_at=clock.now)]
+    costs = by_pod(router.rank(prompt(1), fresh))
+    assert (costs["a"].inflight, costs["b"].inflight) == (1, 0)
+    assert router.pick(prompt(1), fresh).pod == "b"
+
+
 # -- the explanation and the value types ---------------------------------------------------------
 
 
@@ -467,6 +547,10 @@ def test_pod_load_and_cost_model_reject_bad_values() -> None:
         PodLoad("a", kv_usage=1.5)
     with pytest.raises(ValueError, match="kv_usage"):
         PodLoad("a", kv_usage=float("nan"))
+    with pytest.raises(ValueError, match="scraped_at"):
+        PodLoad("a", scraped_at=float("nan"))
+    with pytest.raises(ValueError, match="scraped_at"):
+        PodLoad("a", scraped_at=True)
     with pytest.raises(ValueError, match="pod"):
         PodLoad("")
     with pytest.raises(ConfigError, match="prefill_per_token"):

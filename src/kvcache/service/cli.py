@@ -343,6 +343,14 @@ def _add_sim_command(commands: argparse._SubParsersAction[_OneLineParser]) -> No
         metavar="N",
         help="also run the highest rate behind N router replicas (default 2; 0 skips it)",
     )
+    sim.add_argument(
+        "--scrape-interval",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="simulated seconds between the routers' scrapes of each pod's /metrics"
+        " (default 0.015; 0 = every decision sees the live load)",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -52,6 +53,27 @@ class FaultAction(msgspec.Struct, frozen=True):
     """Probability for drop/duplicate, seconds for delay; unused for restart."""
 
 
+GIE_REFRESH_METRICS_INTERVAL = 0.05
+"""The Gateway API Inference Extension's default ``--refresh-metrics-interval`` (50 ms), the
+refresh of every pod's /metrics that llm-d's benchmarks ran with."""
+
+LLM_D_TOP_QPS = 60.0
+"""The highest rate of llm-d's 73-capacity benchmark sweep (Poisson stages 3 -> 60 QPS)."""
+
+SIM_TOP_QPS = 200.0
+"""The highest rate of the default `kvcache sim` sweep."""
+
+DEFAULT_SCRAPE_INTERVAL = GIE_REFRESH_METRICS_INTERVAL * LLM_D_TOP_QPS / SIM_TOP_QPS
+"""15 ms of simulated time. The simulator compresses time (shorter prompts and outputs on a
+faster model), so a wall-clock 50 ms would not mean what it meant there. What makes a stale
+load signal matter is how many decisions share one snapshot: the arrivals per refresh. llm-d's
+sweep tops at 60 QPS with a 50 ms refresh, 3 fleet-wide arrivals per refresh (1.75 at the 35
+QPS where approximate started to degrade); the simulator's sweep tops at 200 QPS, so mapping
+top rate to top rate (time scaled by 200 / 60) keeps 3 arrivals per scrape there. The
+interval is then fixed for every rate, as a real refresh interval is (0.75 per scrape at 50
+QPS, as llm-d's 15 QPS stage)."""
+
+
 class FleetSpec(msgspec.Struct, frozen=True, kw_only=True):
     """The shape of the simulated fleet."""
 
@@ -70,6 +92,11 @@ class FleetSpec(msgspec.Struct, frozen=True, kw_only=True):
     """Router replicas in front of the fleet; each request reaches one of them at random. The
     approximate router's replicas keep separate histories; precise_load's share the index."""
     speculative_ttl: float = 2.0
+    scrape_interval: Annotated[float, msgspec.Meta(ge=0)] = DEFAULT_SCRAPE_INTERVAL
+    """Simulated seconds between two scrapes of the pods' /metrics: the routers see each pod's
+    waiting / running / KV usage as of the latest scrape (all pods scraped at the same ticks,
+    0, interval, 2 x interval, ...), as GIE's endpoint picker refreshes them on its own loop.
+    The oracle always sees the live state. 0: every decision sees the live state."""
     sync_timeout: float = 5.0
     """Real seconds to wait for kvcache to apply what was sent before a decision."""
 
@@ -197,6 +224,9 @@ class Fleet:
             self.close()
             raise
         self.sync_timeouts = 0
+        self.scrapes = 0
+        self._scraped: list[PodLoad] = self.live_loads(scraped_at=0.0)
+        self._next_scrape = 0  # index of the next scrape tick (at index * scrape_interval)
 
     def _clock(self) -> float:
         return self.now
@@ -255,9 +285,10 @@ class Fleet:
             blocks += length
         return blocks * bs
 
-    def loads(self) -> list[PodLoad]:
-        """Each pod's load as its /metrics shows it, plus the prefill work queued on it as a router
-        tracking its decisions knows it (its expected cached tokens per waiting request)."""
+    def live_loads(self, scraped_at: float | None = None) -> list[PodLoad]:
+        """Each pod's load right now as its /metrics shows it, plus the prefill work queued on it
+        as a router tracking its decisions knows it (its expected cached tokens per waiting
+        request); ``scraped_at`` stamps it as a snapshot taken then."""
         return [
             PodLoad(
                 pod,
@@ -265,9 +296,37 @@ class Fleet:
                 running=s.running,
                 kv_usage=s.kv_usage,
                 queued_prefill_tokens=s.queued_prefill_tokens,
+                scraped_at=scraped_at,
             )
             for pod, s in zip(self.pods, self.schedulers, strict=True)
         ]
+
+    def loads(self) -> list[PodLoad]:
+        """The loads the routers see: the latest scrape (stamped with its tick), or the live
+        state when ``scrape_interval`` is 0."""
+        if self.spec.scrape_interval <= 0:
+            return self.live_loads()
+        return self._scraped
+
+    def observe(self, at: float) -> None:
+        """Scrape every pod if a scrape tick fell at or before ``at``.
+
+        Called before the loop processes anything at ``at``: nothing has changed since the
+        previous event, so the state now is the state at the last tick, and the snapshot is
+        stamped with that tick's time (the routers' clock is simulated time).
+        """
+        interval = self.spec.scrape_interval
+        if interval <= 0 or at < self._next_scrape * interval:
+            return
+        tick = max(self._next_scrape, math.floor(at / interval))
+        # Float rounding of the division: the tick is the last one at or before ``at``.
+        if (tick + 1) * interval <= at:
+            tick += 1
+        elif tick > self._next_scrape and tick * interval > at:
+            tick -= 1
+        self._scraped = self.live_loads(scraped_at=tick * interval)
+        self._next_scrape = tick + 1
+        self.scrapes += 1
 
     def ingest_statistics(self) -> dict[str, int]:
         """kvcache's ingest counters that matter here."""
@@ -396,6 +455,7 @@ def simulate(
 
     while heap:
         at, kind, item_order, item = heapq.heappop(heap)
+        fleet.observe(at)
         fleet.now = max(fleet.now, at)
         if kind == _STEP:
             if step_generation.pop(item_order, -1) != generation[item]:
@@ -433,10 +493,11 @@ def _route(fleet: Fleet, policy: Policy, request: SimRequest, record: RunRecord)
     pod's fleet position and kvcache's predicted cached tokens there."""
     fleet.sync()
     keys = fleet.indexer.block_keys(request.prompt)
-    loads = fleet.loads()
-    record.load_samples.append([load.waiting + load.running for load in loads])
-    record.kv_samples.append(sum(load.kv_usage for load in loads) / len(loads))
-    pod = policy.choose(RouteContext(fleet.now, request, keys, loads))
+    live = fleet.live_loads()
+    # The imbalance and KV figures are the truth, not what the routers were shown.
+    record.load_samples.append([load.waiting + load.running for load in live])
+    record.kv_samples.append(sum(load.kv_usage for load in live) / len(live))
+    pod = policy.choose(RouteContext(fleet.now, request, keys, fleet.loads(), live))
     number = fleet.pods.index(pod)
     predicted = fleet.predicted_tokens(keys, len(request.prompt), pod)
     truth = fleet.engines[number].cached_tokens(request.prompt)
@@ -446,6 +507,7 @@ def _route(fleet: Fleet, policy: Policy, request: SimRequest, record: RunRecord)
 
 __all__ = [
     "APPROXIMATE_CHUNK_TOKENS",
+    "DEFAULT_SCRAPE_INTERVAL",
     "FaultAction",
     "Fleet",
     "FleetSpec",

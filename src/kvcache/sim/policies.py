@@ -12,7 +12,8 @@
   (predicted TTFT + KV pressure - stickiness) computed on the true simulated state.
 
 Every policy sees the same `RouteContext`: the request, its block keys (kvcache's scheme) and
-each pod's load. Ties are broken by load, then randomly from the policy's seeded generator.
+each pod's load as of the latest /metrics scrape (the oracle alone reads the live load). Ties
+are broken by load, then randomly from the policy's seeded generator.
 """
 
 from __future__ import annotations
@@ -55,7 +56,9 @@ class RouteContext:
     keys: Sequence[int]
     """The prompt's block keys (kvcache's scheme: the engines' own hashes)."""
     loads: Sequence[PodLoad]
-    """One per pod, in fleet order."""
+    """One per pod, in fleet order: what a router sees (the latest /metrics scrape)."""
+    live_loads: Sequence[PodLoad] = ()
+    """The same, live at ``now`` (empty: ``loads`` are live). Only the oracle reads it."""
 
 
 class PodView(Protocol):
@@ -343,10 +346,11 @@ class OraclePolicy:
         """The pod with the lowest true cost."""
         prompt = ctx.request.prompt
         output_len = len(ctx.request.output)
-        cached = {load.pod: self.truth[load.pod].cached_tokens(prompt) for load in ctx.loads}
+        loads = ctx.live_loads or ctx.loads
+        cached = {load.pod: self.truth[load.pod].cached_tokens(prompt) for load in loads}
         longest = max(cached.values(), default=0)
         keys: dict[str, tuple[float, int]] = {}
-        for load in ctx.loads:
+        for load in loads:
             held = cached[load.pod]
             ttft = self.truth[load.pod].predict_ttft(ctx.now, prompt, output_len, held)
             prefill = (len(prompt) - held) * self.cost.prefill_per_token

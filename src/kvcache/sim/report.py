@@ -181,10 +181,15 @@ def print_report(  # noqa: PLR0917 (one call site)
     """One table per rate (policies as rows), the router-tier regime, the demo, the targets."""
     spec = options.fleet
     routers = "" if spec.routers == 1 else f", {spec.routers} router replicas"
+    scrape = (
+        f"loads scraped every {spec.scrape_interval * 1000:g} ms"
+        if spec.scrape_interval > 0
+        else "live loads"
+    )
     console.print(
         f"[bold]kvcache sim[/]: {options.workload}, {options.requests} requests per run, "
         f"{spec.pods} pods x {spec.capacity_blocks} blocks of {spec.block_size} tokens, "
-        f"seed {options.seed}{routers}, {elapsed:.0f} s"
+        f"{scrape}, seed {options.seed}{routers}, {elapsed:.0f} s"
     )
     for qps in sorted({s.qps for s in summaries}):
         console.print(_rate_table(f"{qps:g} QPS", [s for s in summaries if s.qps == qps]))

@@ -17,7 +17,14 @@ from pathlib import Path
 
 import msgspec
 
-from kvcache.sim.fleet import FaultAction, Fleet, FleetSpec, build_policy, simulate
+from kvcache.sim.fleet import (
+    DEFAULT_SCRAPE_INTERVAL,
+    FaultAction,
+    Fleet,
+    FleetSpec,
+    build_policy,
+    simulate,
+)
 from kvcache.sim.policies import POLICIES
 from kvcache.sim.results import (
     AccuracyPoint,
@@ -146,12 +153,16 @@ def options_from_args(args: argparse.Namespace) -> SimOptions:
         raise ValueError(f"--capacity-blocks must be >= 2, got {args.capacity_blocks}")
     if args.block_size < 1:
         raise ValueError(f"--block-size must be >= 1, got {args.block_size}")
+    scrape = DEFAULT_SCRAPE_INTERVAL if args.scrape_interval is None else args.scrape_interval
+    if not (math.isfinite(scrape) and scrape >= 0):
+        raise ValueError(f"--scrape-interval must be >= 0 seconds, got {scrape}")
     fleet = FleetSpec(
         pods=args.pods,
         block_size=args.block_size,
         capacity_blocks=args.capacity_blocks,
         timing=parse_timing(args.timing or ()),
         layout=args.layout,
+        scrape_interval=scrape,
     )
     faults = parse_faults(args.faults or "")
     bad = [f for f in faults if f.pod is not None and not 0 <= f.pod < args.pods]
