@@ -119,3 +119,13 @@ def test_bad_flags_are_one_clear_error(tmp_path: Path, args: list[str], message:
     done = run_sim("--out", str(tmp_path), *args)
     assert done.returncode == 1
     assert message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_help_states_the_defaults_the_run_uses() -> None:
+    from kvcache.sim.fleet import DEFAULT_SCRAPE_INTERVAL
+    from kvcache.sim.run import DEFAULT_QPS
+
+    done = run_sim("--help")
+    text = " ".join(done.stdout.split())  # argparse wraps lines
+    assert f"rates (default {','.join(str(int(q)) for q in DEFAULT_QPS)})" in text
+    assert f"(default {DEFAULT_SCRAPE_INTERVAL:g}; 0 =" in text

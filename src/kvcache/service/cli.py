@@ -307,7 +307,7 @@ def _add_sim_command(commands: argparse._SubParsersAction[_OneLineParser]) -> No
         ),
     )
     sim.add_argument("--out", default="sim-results", metavar="DIR", help="output directory")
-    sim.add_argument("--qps", default=None, help="comma-separated rates (default 25,50,100)")
+    sim.add_argument("--qps", default=None, help="comma-separated rates (default 50,100,200)")
     sim.add_argument("--pods", type=int, default=4, help="simulated pods (default 4)")
     sim.add_argument(
         "--workload",
