@@ -14,8 +14,7 @@ yielding, so a saturated reader cannot stop ingest either (at 100% scoring duty,
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from types import TracebackType
 
 
 class ReadPriority:
@@ -29,19 +28,11 @@ class ReadPriority:
         self._idle = threading.Condition(threading.Lock())
         self.waits = 0
         """Times ingest paused for a read (statistics)."""
+        self._reading = _Reading(self)
 
-    @contextmanager
-    def reading(self) -> Iterator[None]:
-        """Mark a read in progress for the duration of the block."""
-        with self._idle:
-            self._active += 1
-        try:
-            yield
-        finally:
-            with self._idle:
-                self._active -= 1
-                if not self._active:
-                    self._idle.notify_all()
+    def reading(self) -> _Reading:
+        """Mark a read in progress for the duration of the ``with`` block."""
+        return self._reading
 
     def yield_to_readers(self) -> None:
         """Called by ingest between messages: wait while a read is active (bounded)."""
@@ -55,3 +46,30 @@ class ReadPriority:
                 self.waits += 1
                 if not self._idle.wait_for(lambda: not self._active, timeout=self.max_wait):
                     self._credit = self.burst
+
+
+class _Reading:
+    """The context manager `ReadPriority.reading` returns; one per gate, reentrant and shared by
+    every reader (a class, not a generator: it runs twice per HTTP score)."""
+
+    __slots__ = ("_gate",)
+
+    def __init__(self, gate: ReadPriority) -> None:
+        self._gate = gate
+
+    def __enter__(self) -> None:
+        gate = self._gate
+        with gate._idle:
+            gate._active += 1
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        gate = self._gate
+        with gate._idle:
+            gate._active -= 1
+            if not gate._active:
+                gate._idle.notify_all()

@@ -80,10 +80,33 @@ static inline int next_item(const char **pp, const char *end) {
     return -1;
 }
 
+/* One id of a segment at *pp, then past whitespace and either the segment's end (returns 0)
+ * or a ',' and whitespace to where the next id must start (returns 1); -1 if not plain.
+ * A segment ends at a ',' or at the array's ']', never at a digit, so ids stop there. */
+static inline int segment_step(const char **pp, const char *seg_end, const char *end,
+                               uint32_t *value) {
+    if (read_number(pp, end, value) < 0) return -1;
+    const char *p = skip_ws(*pp, seg_end);
+    if (p == seg_end) return 0;
+    if (*p != ',') return -1;
+    p = skip_ws(p + 1, seg_end);
+    if (p == seg_end) return -1; /* ",]" or ",," across the segment's end */
+    *pp = p;
+    return 1;
+}
+
 /* Parses the array starting at p (after any whitespace) into out; returns the count and sets
- * *after just past its ']', or returns -1 if it is not of the plain form. (Finding the ids 64
- * bytes at a time from SSE2 digit masks, to read them independently, measured no faster than
- * this: the per-id work, not the chain from one id's length to the next id's start, bounds.) */
+ * *after just past its ']', or returns -1 if it is not of the plain form.
+ *
+ * One id's position depends on the previous id's length, a chain of dependent loads that bounds
+ * a single cursor (finding the ids 64 bytes at a time from SIMD digit masks measured no faster:
+ * the per-id work bounds it). So the array is cut at commas into SEGMENTS pieces parsed in
+ * lockstep: independent chains the CPU overlaps. Each writes to its own stretch of out (an
+ * upper bound of its count apart), compacted at the end. A plain array holds only digits,
+ * whitespace and commas, so its end is the first ']'. */
+#define SEGMENTS 4
+#define MIN_SEGMENT 16 /* bytes: shorter arrays are cut into fewer pieces */
+
 static Py_ssize_t parse(const char *p, const char *end, uint32_t *out, const char **after) {
     p = skip_ws(p, end);
     if (p == end || *p++ != '[') return -1;
@@ -92,15 +115,64 @@ static Py_ssize_t parse(const char *p, const char *end, uint32_t *out, const cha
         *after = p + 1;
         return 0;
     }
-    Py_ssize_t n = 0;
-    for (;;) {
-        if (read_number(&p, end, &out[n++]) < 0) return -1;
-        int more = next_item(&p, end);
-        if (more <= 0) {
-            *after = p;
-            return more < 0 ? -1 : n;
+    const char *close = memchr(p, ']', (size_t)(end - p));
+    if (close == NULL) return -1;
+    const char *cursor[SEGMENTS], *seg_end[SEGMENTS];
+    Py_ssize_t base[SEGMENTS], count[SEGMENTS];
+    int live[SEGMENTS], segments = 0;
+    Py_ssize_t length = close - p, slot = 0;
+    Py_ssize_t pieces = length / MIN_SEGMENT < SEGMENTS ? length / MIN_SEGMENT : SEGMENTS;
+    const char *from = p;
+    for (Py_ssize_t k = 1; k <= pieces || segments == 0; k++) {
+        /* This segment ends at the first comma past its share of the array (or at ']'). */
+        const char *to = NULL, *aim = p + length * k / (pieces ? pieces : 1);
+        if (k < pieces && aim > from) to = memchr(aim, ',', (size_t)(close - aim));
+        if (to == NULL) to = close;
+        const char *q = skip_ws(from, to);
+        if (q == to) return -1; /* nothing between two commas, or after '[' / before ']' */
+        cursor[segments] = q;
+        seg_end[segments] = to;
+        base[segments] = slot;
+        count[segments] = 0;
+        live[segments] = 1;
+        slot += (to - from + 1) / 2 + 1; /* ids are >= 1 digit apart by >= 1 comma */
+        segments++;
+        if (to == close) break;
+        from = to + 1; /* past the comma */
+    }
+    if (segments == SEGMENTS) { /* the usual case, while every segment has ids left */
+        for (;;) {
+            int m0 = segment_step(&cursor[0], seg_end[0], end, &out[base[0] + count[0]++]);
+            int m1 = segment_step(&cursor[1], seg_end[1], end, &out[base[1] + count[1]++]);
+            int m2 = segment_step(&cursor[2], seg_end[2], end, &out[base[2] + count[2]++]);
+            int m3 = segment_step(&cursor[3], seg_end[3], end, &out[base[3] + count[3]++]);
+            if ((m0 | m1 | m2 | m3) < 0) return -1;
+            if (!(m0 & m1 & m2 & m3)) {
+                live[0] = m0, live[1] = m1, live[2] = m2, live[3] = m3;
+                break;
+            }
         }
     }
+    int active = 0;
+    for (int k = 0; k < segments; k++) active += live[k];
+    while (active > 0) {
+        for (int k = 0; k < segments; k++) {
+            if (!live[k]) continue;
+            int more = segment_step(&cursor[k], seg_end[k], end, &out[base[k] + count[k]++]);
+            if (more < 0) return -1;
+            if (more == 0) {
+                live[k] = 0;
+                active--;
+            }
+        }
+    }
+    Py_ssize_t n = count[0];
+    for (int k = 1; k < segments; k++) {
+        memmove(out + n, out + base[k], (size_t)count[k] * sizeof *out);
+        n += count[k];
+    }
+    *after = close + 1;
+    return n;
 }
 
 /* The ids of the array at text[offset:] as native u32 bytes; NULL with ValueError if it is not
@@ -108,7 +180,7 @@ static Py_ssize_t parse(const char *p, const char *end, uint32_t *out, const cha
 static PyObject *ids_at(const char *text, Py_ssize_t len, Py_ssize_t offset, int whole,
                         Py_ssize_t *stop) {
     /* Every id takes a digit and a separator but the last: an upper bound on the count. */
-    Py_ssize_t cap = (len - offset) / 2 + 1;
+    Py_ssize_t cap = (len - offset) / 2 + 1 + SEGMENTS;
     PyObject *out = PyBytes_FromStringAndSize(NULL, cap * 4);
     if (out == NULL) return NULL;
     const char *end = text + len, *after = NULL;

@@ -133,8 +133,45 @@ def test_parser_accepts_only_what_msgspec_reads_the_same(text: str) -> None:
     assert np.frombuffer(raw, dtype=np.uint32).tolist() == expected
 
 
+@settings(max_examples=500, deadline=None)
+@given(
+    tokens=st.lists(U32, min_size=4, max_size=120),
+    style=st.integers(0, 3),
+    edits=st.lists(
+        st.tuples(st.floats(0, 1), st.integers(0, 2), st.sampled_from(list(",[] -.0123\n"))),
+        max_size=3,
+    ),
+)
+def test_long_arrays_mutated_anywhere_read_as_msgspec_reads_them(
+    tokens: list[int], style: int, edits: list[tuple[float, int, str]]
+) -> None:
+    """Arrays long enough to be parsed as several segments in lockstep, cut at commas: an
+    insert, delete or replace anywhere (at a cut, say) is refused or read as msgspec reads it."""
+    text = _layout(tokens, style, "").decode()
+    for where, kind, char in edits:
+        at = min(int(where * len(text)), len(text) - 1)
+        text = (
+            text[:at] + char + text[at:]
+            if kind == 0
+            else text[:at] + text[at + 1 :]
+            if kind == 1
+            else text[:at] + char + text[at + 1 :]
+        )
+    try:
+        raw = _token_json.u32_array(text.encode())
+    except ValueError:
+        return
+    assert np.frombuffer(raw, dtype=np.uint32).tolist() == msgspec.json.decode(
+        text.encode(), type=list[int]
+    )
+
+
 def test_refused_spellings_go_to_msgspec() -> None:
-    for text in (b"[01]", b"[1,]", b"[-0]", b"[1.0]", b"[1e3]", b"[4294967296]", b"[1 2]"):
+    cut = b"[" + b", ".join(b"12345" for _ in range(16))  # long enough to be cut in four
+    for text in (
+        *(b"[01]", b"[1,]", b"[-0]", b"[1.0]", b"[1e3]", b"[4294967296]", b"[1 2]"),
+        *(cut + b",]", cut + b",,1]", cut + b", ,1]", cut + b" 1]", b"[," + cut[1:] + b"]"),
+    ):
         try:
             _token_json.u32_array(text)
         except ValueError:
