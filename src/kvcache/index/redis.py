@@ -29,9 +29,7 @@ import os
 import threading
 import time
 import weakref
-from collections import Counter, deque
 from collections.abc import Collection, Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -44,6 +42,7 @@ from kvcache.blocks import KeyType, PodEntry
 from kvcache.errors import ConfigError, IndexOperationError, UnknownKeyError
 from kvcache.index import redis_scripts as scripts
 from kvcache.index.keys import add_keys, as_entries, as_key, as_keys
+from kvcache.index.redis_backlog import Add, Backlog, Clear, Evict, Op
 from kvcache.index.redis_wire import (
     FAILED,
     NODE_DOWN_ERRORS,
@@ -93,40 +92,6 @@ def normalize_url(url: str) -> str:
         )
     return urlunsplit((SCHEMES[scheme], *parts[1:]))
 
-
-# --------------------------------------------------------------------------- queued operations
-
-
-@dataclass(slots=True)
-class _Add:
-    engine_keys: NDArray[np.uint64] | None
-    request_keys: NDArray[np.uint64]
-    entries: tuple[PodEntry, ...]
-
-    def size(self) -> int:
-        return int(self.request_keys.size)
-
-
-@dataclass(slots=True)
-class _Evict:
-    key: int
-    key_type: KeyType
-    entries: tuple[PodEntry, ...]
-
-    def size(self) -> int:
-        return 1
-
-
-@dataclass(slots=True)
-class _Clear:
-    pod: str
-    entries: tuple[PodEntry, ...] = ()
-
-    def size(self) -> int:
-        return 1
-
-
-_Op = _Add | _Evict | _Clear
 
 _LIVE: weakref.WeakSet[RedisIndex] = weakref.WeakSet()
 
@@ -201,11 +166,8 @@ class RedisIndex:
         self._generation: bytes | None = None
         self._write_lock = threading.Lock()
         self._pending_lock = threading.Lock()
-        self._pending: list[_Op] = []
-        self._backlog: deque[_Op] = deque()
-        self._backlog_keys = 0
-        self._queued_pods: Counter[str] = Counter()  # backlog ops per pod
-        self._resync: set[str] = set()
+        self._pending: list[Op] = []
+        self._backlog = Backlog(backlog_keys, self._count)
         self._closed = False
         self._wake = threading.Event()
         self._next_probe = 0.0
@@ -252,7 +214,7 @@ class RedisIndex:
         r, e = add_keys(engine_keys, request_keys)
         self._count("adds")
         self._count("admitted_keys", int(r.size))
-        result = self._submit(_Add(e, r, ents))
+        result = self._submit(Add(e, r, ents))
         return result if isinstance(result, list) else []
 
     def evict(self, key: int, key_type: KeyType, entries: Iterable[PodEntry]) -> None:
@@ -260,7 +222,7 @@ class RedisIndex:
         k = as_key(key, "key")
         if not isinstance(key_type, KeyType):
             raise IndexOperationError(f"evict: unknown key type {key_type!r}")
-        self._queue_evictions([_Evict(k, key_type, ents)])
+        self._queue_evictions([Evict(k, key_type, ents)])
 
     def evict_many(
         self, keys: Sequence[int], key_type: KeyType, entries: Iterable[PodEntry]
@@ -270,9 +232,9 @@ class RedisIndex:
             raise IndexOperationError(f"evict: unknown key type {key_type!r}")
         k = as_keys(keys, "keys").tolist()
         if k:
-            self._queue_evictions([_Evict(key, key_type, ents) for key in k])
+            self._queue_evictions([Evict(key, key_type, ents) for key in k])
 
-    def _queue_evictions(self, ops: list[_Evict]) -> None:
+    def _queue_evictions(self, ops: list[Evict]) -> None:
         """Evictions wait in a pending batch, flushed when full or by the background thread."""
         self._count("evicts", len(ops))
         with self._pending_lock:
@@ -285,7 +247,7 @@ class RedisIndex:
 
     def clear(self, pod: str) -> int:
         self._count("clears")
-        result = self._submit(_Clear(pod))
+        result = self._submit(Clear(pod))
         return result if isinstance(result, int) else 0
 
     # ------------------------------------------------------------------ protocol: reads
@@ -341,12 +303,12 @@ class RedisIndex:
             "cluster": self._topology.cluster,
             "nodes": len(self._topology.live_nodes()),
             "nodes_down": down,
-            "healthy": not down and not self._backlog and not self._resync,
+            "healthy": not down and not self._backlog.waiting,
             "buckets": self.buckets,
             "backlog_ops": len(self._backlog),
-            "backlog_keys": self._backlog_keys,
+            "backlog_keys": self._backlog.keys,
             "pending_evicts": len(self._pending),
-            "resync_pods": sorted(self._resync),
+            "resync_pods": sorted(self._backlog.resync),
             "entry_ids": len(self._ids),
             **counters,
         }
@@ -386,7 +348,7 @@ class RedisIndex:
         with self._stats_lock:
             self._counters[name] += n
 
-    def _submit(self, op: _Op) -> Any:
+    def _submit(self, op: Op) -> Any:
         """Apply queued evictions plus ``op`` now, or queue them behind an outage."""
         with self._write_lock:
             with self._pending_lock:
@@ -403,51 +365,18 @@ class RedisIndex:
         if ops:
             self._apply_or_queue(ops)
 
-    def _apply_or_queue(self, ops: list[_Op]) -> list[Any]:
+    def _apply_or_queue(self, ops: list[Op]) -> list[Any]:
         """Under the write lock: apply in order, or append to the backlog (which keeps order)."""
-        if self._backlog or self._resync or self._outage():
+        if self._backlog.waiting or self._outage():
             # while a pod awaits its resync clear, every write queues behind it (applied now,
             # it would be wiped by that clear)
-            self._queue(ops)
+            self._backlog.queue(ops)
             return [None] * len(ops)
         try:
             return self._apply(ops)
         except UnavailableError as exc:
-            self._queue(ops[exc.done :])
+            self._backlog.queue(ops[exc.done :])
             return [None] * len(ops)
-
-    def _queue(self, ops: Iterable[_Op]) -> None:
-        for op in ops:
-            if self._backlog_keys + op.size() > self.backlog_limit:
-                # Past the bound: the pod's state in the index is unknown from here on. Its
-                # queued writes are dropped (they precede the gap) and it is cleared once the
-                # server is back, before the backlog is replayed; its writes queued after this
-                # one are replayed after that clear and rebuild it.
-                pods = _pods(op)
-                if not pods <= self._resync:
-                    log.warning("index backlog full: pods %s will be resynced", sorted(pods))
-                self._resync |= pods
-                self._count("dropped_ops")
-                if any(self._queued_pods[p] for p in pods):
-                    self._purge(pods)
-                continue
-            self._backlog.append(op)
-            self._backlog_keys += op.size()
-            self._queued_pods.update(_pods(op))
-            self._count("backlogged_ops")
-
-    def _purge(self, pods: set[str]) -> None:
-        """Drop the queued writes of ``pods`` (their entries, from writes of several pods)."""
-        kept: deque[_Op] = deque()
-        for queued in self._backlog:
-            rest = _without(queued, pods)
-            if rest is None:
-                self._count("dropped_ops")
-            else:
-                kept.append(rest)
-        self._backlog = kept
-        self._backlog_keys = sum(op.size() for op in kept)
-        self._queued_pods = Counter(p for op in kept for p in _pods(op))
 
     def _outage(self) -> bool:
         return any(n.down for n in self._topology.nodes.values())
@@ -463,7 +392,7 @@ class RedisIndex:
                     time.sleep(self.linger)  # let the caller queue the rest of its batch
                     self._flush_pending()
                 now = time.monotonic()
-                if (self._outage() or self._backlog or self._resync) and now >= self._next_probe:
+                if (self._outage() or self._backlog.waiting) and now >= self._next_probe:
                     self._next_probe = now + self.retry_interval
                     self._recover()
                 elif now >= self._next_generation_check:
@@ -489,29 +418,25 @@ class RedisIndex:
         for node in topology.nodes.values():
             node.down = False
         self._check_generation()
-        # resync clears first: a resync pod's queued writes all follow its gap (see _queue),
+        # resync clears first: a resync pod's queued writes all follow its gap (see Backlog),
         # and writes keep queueing while any pod awaits its clear, so none lands before it
-        for pod in sorted(self._resync):
+        for pod in sorted(self._backlog.resync):
             with self._write_lock:
-                self._apply([_Clear(pod)])
-                self._resync.discard(pod)
+                self._apply([Clear(pod)])
+                self._backlog.resync.discard(pod)
             self._count("resyncs")
             log.warning("pod %s resynced: its entries were cleared after an outage", pod)
         while self._backlog:
             # a batch at a time, so writers and lookups get the lock in between; ops leave the
             # backlog once applied, so "healthy" means they are in the server
             with self._write_lock:
-                backlog = self._backlog  # _queue may replace it (purge) between batches
-                batch = [backlog[i] for i in range(min(256, len(backlog)))]
+                batch = self._backlog.head(256)
                 try:
                     self._apply(batch)
                     done = len(batch)
                 except UnavailableError as exc:
                     done = exc.done
-                for _ in range(done):
-                    applied = backlog.popleft()
-                    self._backlog_keys -= applied.size()
-                    self._queued_pods.subtract(_pods(applied))
+                self._backlog.applied(done)
                 if done < len(batch):
                     return
         if was_down:
@@ -540,7 +465,7 @@ class RedisIndex:
 
     # ------------------------------------------------------------------ applying operations
 
-    def _apply(self, ops: list[_Op]) -> list[Any]:
+    def _apply(self, ops: list[Op]) -> list[Any]:
         """Apply ``ops`` in order: runs of evictions plus the add after them share round trips;
         a clear is applied on its own. Raises UnavailableError with ``done`` set."""
         results: list[Any] = []
@@ -548,16 +473,16 @@ class RedisIndex:
         try:
             while i < len(ops):
                 op = ops[i]
-                if isinstance(op, _Clear):
+                if isinstance(op, Clear):
                     results.append(self._apply_clear(op.pod))
                     i += 1
                     continue
                 j = i
-                while j < len(ops) and isinstance(ops[j], _Evict):
+                while j < len(ops) and isinstance(ops[j], Evict):
                     j += 1
-                evicts: list[_Evict] = ops[i:j]  # type: ignore[assignment]
-                add = ops[j] if j < len(ops) and isinstance(ops[j], _Add) else None
-                assert add is None or isinstance(add, _Add)
+                evicts: list[Evict] = ops[i:j]  # type: ignore[assignment]
+                add = ops[j] if j < len(ops) and isinstance(ops[j], Add) else None
+                assert add is None or isinstance(add, Add)
                 again = self._apply_batch(evicts, add)
                 results.extend([None] * len(evicts))
                 if add is not None:
@@ -569,7 +494,7 @@ class RedisIndex:
             raise
         return results
 
-    def _apply_batch(self, evicts: list[_Evict], add: _Add | None) -> list[int]:
+    def _apply_batch(self, evicts: list[Evict], add: Add | None) -> list[int]:
         """Evictions then one add: GET mappings (engine evictions only), one pipeline of the
         removal and add scripts and mapping writes, then conditional deletes of mappings."""
         entries = {e for op in evicts for e in op.entries}
@@ -652,7 +577,7 @@ class RedisIndex:
         return again
 
     def _add_commands(
-        self, add: _Add, ids: dict[PodEntry, bytes], cmds: list[tuple[int, bytes]]
+        self, add: Add, ids: dict[PodEntry, bytes], cmds: list[tuple[int, bytes]]
     ) -> list[tuple[NDArray[np.uint64], int]]:
         """Append the ADD scripts (one per bucket) then the mapping SETs to ``cmds``; returns
         each script's keys, in command order."""
@@ -998,24 +923,6 @@ class RedisIndex:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _pods(op: _Op) -> set[str]:
-    return {op.pod} if isinstance(op, _Clear) else {e.pod for e in op.entries}
-
-
-def _without(op: _Op, pods: set[str]) -> _Op | None:
-    """``op`` without the entries of ``pods`` (None when nothing is left)."""
-    if isinstance(op, _Clear):
-        return None if op.pod in pods else op
-    if not any(e.pod in pods for e in op.entries):
-        return op
-    entries = tuple(e for e in op.entries if e.pod not in pods)
-    if not entries:
-        return None
-    if isinstance(op, _Add):
-        return _Add(op.engine_keys, op.request_keys, entries)
-    return _Evict(op.key, op.key_type, entries)
 
 
 def _spread_tags(n: int) -> list[bytes]:
