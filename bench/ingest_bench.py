@@ -26,6 +26,7 @@ measured full rate, and an offline profile of kvcache's ingest path on the exact
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import cProfile
 import gc
@@ -61,6 +62,7 @@ from kvcache.events.pipeline import IngestPipeline
 from kvcache.events.schema import BlockRemoved, BlockStored, Message
 from kvcache.events.subscriber import Subscriber
 from kvcache.indexer import Indexer
+from kvcache.service.app import new_event_loop
 
 ROOT = Path(__file__).resolve().parent.parent
 IDENTITY_SEED = "42"
@@ -305,6 +307,7 @@ class Kvcache:
         seed: str,
         shards: int = 1,
         switch_interval: float | None = None,
+        on_loop: bool = False,
     ) -> None:
         self._endpoints = endpoints
         self._pods = frozenset(pods)
@@ -322,12 +325,31 @@ class Kvcache:
         self._keys: dict[int, list[int]] = {}
         self._switch = switch_interval
         self._saved_switch = sys.getswitchinterval()
+        self._on_loop = on_loop
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: threading.Thread | None = None
 
     def start(self) -> None:
         if self._switch is not None:
             sys.setswitchinterval(self._switch)
         self.pipeline.start()
-        self.subscriber.start()
+        if not self._on_loop:
+            self.subscriber.start()
+            return
+        # As `kvcache serve` runs it: the socket read by callbacks on a (uv)loop, on the
+        # loop's own thread here since this thread polls for the sentinels.
+        started = threading.Event()
+
+        def run() -> None:
+            self._loop = loop = new_event_loop()
+            self.subscriber.start(loop=loop)
+            started.set()
+            loop.run_forever()
+
+        self._loop_thread = threading.Thread(target=run, name="bench-loop", daemon=True)
+        self._loop_thread.start()
+        if not started.wait(10.0):
+            raise TimeoutError("the event loop did not start")
 
     def visible(self, tokens: list[int]) -> float | None:
         keys = self._keys.get(id(tokens))
@@ -373,6 +395,11 @@ class Kvcache:
 
     def stop(self) -> None:
         self.subscriber.stop()
+        loop = self._loop
+        if loop is not None and self._loop_thread is not None:
+            loop.call_soon_threadsafe(loop.stop)
+            self._loop_thread.join(10.0)
+            loop.close()
         self.pipeline.stop()
         sys.setswitchinterval(self._saved_switch)
 
@@ -579,6 +606,9 @@ def ingest(publisher: Publisher, sizes: Sizes) -> tuple[dict[str, Any], list[lis
         ),
         "kvcache_dual": lambda: Kvcache(endpoints, pods, seed=DUAL_SEED, switch_interval=service),
         "kvcache_identity_default_switch": lambda: Kvcache(endpoints, pods, seed=IDENTITY_SEED),
+        "kvcache_identity_on_loop": lambda: Kvcache(
+            endpoints, pods, seed=IDENTITY_SEED, switch_interval=service, on_loop=True
+        ),
         "kvcache_identity_2_shards": lambda: Kvcache(
             endpoints, pods, seed=IDENTITY_SEED, shards=2, switch_interval=service
         ),
@@ -620,6 +650,8 @@ def ingest(publisher: Publisher, sizes: Sizes) -> tuple[dict[str, Any], list[lis
         "dual_vs_dynamo": ratio("kvcache_dual"),
         "identity_default_switch_vs_dynamo": ratio("kvcache_identity_default_switch"),
         "identity_2_shards_vs_dynamo": ratio("kvcache_identity_2_shards"),
+        "identity_on_loop_vs_dynamo": ratio("kvcache_identity_on_loop"),
+        "identity_on_loop_vs_thread": ratio("kvcache_identity_on_loop", "kvcache_identity"),
         "identity_1_shard_vs_2_shards": ratio("kvcache_identity", "kvcache_identity_2_shards"),
         "dual_vs_identity": ratio("kvcache_dual", "kvcache_identity"),
         "bare_sub_vs_identity": ratio("bare_sub", "kvcache_identity"),
