@@ -20,7 +20,15 @@ from kvcache.errors import (
 from kvcache.hashing import KeyScheme, MMItem, RequestExtras, make_scheme
 from kvcache.index.protocol import Index
 from kvcache.indexer import Indexer
-from kvcache.routing import CostModel, Decision, PodCost, PodLoad, Router, scrape_vllm_metrics
+from kvcache.routing import (
+    CostModel,
+    Decision,
+    FleetLoad,
+    PodCost,
+    PodLoad,
+    Router,
+    scrape_vllm_metrics,
+)
 from kvcache.scoring import LongestPrefixScorer, normalize_scores
 
 __version__ = "0.1.0"
@@ -34,6 +42,7 @@ __all__ = [
     "CostModel",
     "Decision",
     "ExtraKeysError",
+    "FleetLoad",
     "HashingError",
     "Index",
     "IndexOperationError",

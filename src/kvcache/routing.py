@@ -7,9 +7,14 @@
                  + running * running_per_request
       prefill  = uncached tokens * prefill_per_token
       transfer = tokens hit only on a non-gpu tier * cpu_hit_per_token
-    pressure   = prefill * kv_pressure * kv_usage   (the others' cache the new blocks evict)
+    pressure   = prefill * kv_pressure * u / (1 - u)   u = the candidates' mean KV usage
+    externality = prefill * queue_externality * w       w = the candidates' mean waiting count
     sticky     = stickiness / (1 + saturation)      (the longest-prefix pod(s) only)
-    cost       = predicted_ttft + pressure - sticky
+    cost       = predicted_ttft + pressure + externality - sticky
+
+The pressure and the externality price what a miss costs everybody else (the blocks it takes,
+the prefill work it adds) at the fleet's congestion: a router that balances load pools the
+fleet, so work added to one pod delays later requests wherever they are sent.
 
 and `Router.pick` takes the cheapest, then credits it with the prompt's blocks as speculative
 index entries until the engine's own events confirm them (or the TTL runs out). Every decision
@@ -103,6 +108,33 @@ class PodLoad(msgspec.Struct, frozen=True):
             )
 
 
+class FleetLoad(msgspec.Struct, frozen=True):
+    """The candidates' congestion, which prices what a miss costs the rest of the fleet.
+
+    A router that balances load pools its pods: work or blocks added to one pod push later
+    requests to the others, so the delay a miss causes is felt at the fleet's congestion, not
+    only at the chosen pod's. Means over the candidates of a decision (in-flight picks counted).
+    """
+
+    waiting: float = 0.0
+    """Mean queued requests per candidate pod: estimates ``rho / (1 - rho)`` of the pooled
+    queue (an M/M/1 queue holds ``rho**2 / (1 - rho)`` waiting requests on average, within
+    ``rho < 1`` of it; both are 0 when nobody waits and grow without bound at saturation)."""
+    kv_usage: float = 0.0
+    """Mean KV usage of the candidates, 0..1."""
+
+    @classmethod
+    def of(cls, loads: Sequence[PodLoad]) -> FleetLoad:
+        """The means of ``loads`` (all zero for no loads)."""
+        if not loads:
+            return cls()
+        count = len(loads)
+        return cls(
+            waiting=sum(load.waiting for load in loads) / count,
+            kv_usage=sum(load.kv_usage for load in loads) / count,
+        )
+
+
 class CostModel(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The constants of the predicted-TTFT model, in seconds (calibration: docs/routing.md).
 
@@ -130,15 +162,29 @@ class CostModel(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     decodes share each engine step (chunked prefill) with the new prompt. The slope of
     time_to_first_token_seconds against num_requests_running at a fixed prompt length."""
     kv_pressure: NonNegativeFloat = 10.0
-    """Weight of the KV-pressure term: a pod whose pool is ``u = kv_usage`` full pays
-    ``kv_pressure * u / (1 - u)`` times its prefill on top of the predicted TTFT (u capped at
-    0.99). A miss costs the fleet more than its own prefill: its new blocks evict cached
-    blocks later requests will recompute, and they stay allocated for the request's whole
-    decode instead of being shared, which on a busy pool delays every admission (u / (1 - u)
-    is the queueing delay per unit of work added at utilisation u). Not part of the prediction
-    (this request does not wait for it): it keeps a busy fleet from trading everybody's cache
-    for one request's shorter queue. The default, 10, is about how much longer a request
-    holds its blocks decoding than its prompt takes to prefill. 0 disables it."""
+    """Weight of the KV-pressure term: at a fleet whose pools are ``u`` full on average
+    (`FleetLoad.kv_usage`), a pod pays ``kv_pressure * u / (1 - u)`` times its prefill on top
+    of the predicted TTFT (u capped at 0.99). A miss costs the fleet more than its own
+    prefill: its new blocks evict cached blocks later requests will recompute, and they stay
+    allocated for the request's whole decode instead of being shared, which on a busy pool
+    delays every admission (u / (1 - u) is the queueing delay per unit of work added at
+    utilisation u). The fleet's mean, not the pod's own usage: the balancing router spreads
+    the lost room over the fleet, and one pod's usage swings with each admission burst (0.99
+    against 0.91 is 99 against 10), which would make a miss look cheaper on whichever pod was
+    a little less full at the scrape. Not part of the prediction (this request does not wait
+    for it): it keeps a busy fleet from trading everybody's cache for one request's shorter
+    queue. The default, 10, is about how much longer a request holds its blocks decoding
+    than its prompt takes to prefill. 0 disables it."""
+    queue_externality: NonNegativeFloat = 1.0
+    """Weight of the queueing externality: a pod pays ``queue_externality * w`` times its
+    prefill on top of the predicted TTFT, ``w`` the candidates' mean waiting count
+    (`FleetLoad.waiting`). Work W added to a queue at utilisation rho delays the requests
+    after it by about ``W * rho / (1 - rho)`` in total, and the mean waiting count estimates
+    ``rho / (1 - rho)``; the fleet's, because a balancing router shifts the delay onto every
+    pod. A hit adds little work and pays little; a miss that would shorten its own wait by
+    leaving a busy cache holder pays for the prefill it makes the whole fleet do. The term is
+    0 when no candidate has a queue, so an unsaturated fleet still balances. The default, 1,
+    is the queueing estimate itself (no fitted factor); 0 disables it."""
     saturation_kv_usage: Fraction = 0.9
     """KV usage from which the cache holder's stickiness decays; at a full pool it is halved."""
     saturation_waiting: NonNegativeInt = 4
@@ -158,6 +204,7 @@ class CostModel(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
             "queue_per_request",
             "running_per_request",
             "kv_pressure",
+            "queue_externality",
             "stickiness",
         ):
             value = getattr(self, name)
@@ -185,8 +232,14 @@ class CostModel(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
         return queued + full
 
     def pressure_seconds(self, prefill_s: float, kv_usage: float) -> float:
-        """The KV-pressure term of a pod that must prefill ``prefill_s`` at ``kv_usage``."""
+        """The KV-pressure term of a pod that must prefill ``prefill_s`` at ``kv_usage`` (the
+        Router passes the fleet's mean, `FleetLoad.kv_usage`)."""
         return prefill_s * self.kv_pressure * _busy_ratio(kv_usage)
+
+    def externality_seconds(self, prefill_s: float, waiting: float) -> float:
+        """The queueing externality of ``prefill_s`` of new work when ``waiting`` requests wait
+        per pod (`FleetLoad.waiting`)."""
+        return prefill_s * self.queue_externality * waiting
 
     def holder_bonus(self, load: PodLoad) -> float:
         """The stickiness bonus of a longest-prefix holder under ``load``."""
@@ -219,7 +272,8 @@ class PodCost(msgspec.Struct, frozen=True):
     predicted_ttft_s: float
     """queue_s + prefill_s + transfer_s: the predicted time to first token."""
     cost_s: float
-    """predicted_ttft_s + kv_pressure_s - stickiness_s: what the ranking sorts by."""
+    """predicted_ttft_s + kv_pressure_s + queue_externality_s - stickiness_s: what the ranking
+    sorts by."""
     cached_tokens: int
     """(cached_blocks_gpu + cached_blocks_cpu) * block_size: vLLM's expected num_cached_tokens."""
     saturated: bool
@@ -229,17 +283,23 @@ class PodCost(msgspec.Struct, frozen=True):
     """The load the cost was computed from: the caller's, plus ``inflight`` requests in
     ``waiting`` (and their predicted uncached tokens in ``queued_prefill_tokens``)."""
     kv_pressure_s: float = 0.0
-    """prefill_s * kv_pressure * kv_usage: the cache this pod's new blocks evict, priced as the
-    prefill it will cost others (not part of predicted_ttft_s)."""
+    """prefill_s * kv_pressure * u / (1 - u), u the fleet's mean KV usage: the cache this pod's
+    new blocks evict, priced as the prefill it will cost others (not part of
+    predicted_ttft_s)."""
     saturation: float = 0.0
     """`CostModel.saturation` of the load: the bonus is stickiness / (1 + saturation)."""
     inflight: int = 0
     """Requests this Router sent to the pod since its load was scraped (``scraped_at``),
     counted in ``load`` on top of what the scrape showed."""
+    queue_externality_s: float = 0.0
+    """prefill_s * queue_externality * the fleet's mean waiting count: the delay this pod's
+    prefill work adds to the requests after it (not part of predicted_ttft_s)."""
 
     def explain(self) -> str:
         """One line: the cost and its terms."""
         pressure = f" + kv pressure {self.kv_pressure_s:.4f}" if self.kv_pressure_s else ""
+        if self.queue_externality_s:
+            pressure += f" + queue externality {self.queue_externality_s:.4f}"
         sticky = f" - sticky {self.stickiness_s:.4f}" if self.stickiness_s else ""
         saturated = f" saturation {self.saturation:.2f}" if self.saturation else ""
         queued = self.load.queued_prefill_tokens
@@ -267,12 +327,15 @@ class Decision(msgspec.Struct, frozen=True):
     """Full blocks of the prompt (the keys a speculative credit covers)."""
     speculative_blocks: int = 0
     """Blocks credited to ``pod`` as speculative entries (0 when not requested)."""
+    fleet: FleetLoad = msgspec.field(default_factory=FleetLoad)
+    """The candidates' mean waiting count and KV usage, which priced the externalities."""
 
     def explain(self) -> str:
         """The decision and every candidate's cost breakdown, one line each."""
         head = (
             f"-> {self.pod} ({self.prompt_tokens} tokens, {self.blocks} blocks,"
-            f" {self.speculative_blocks} credited)"
+            f" {self.speculative_blocks} credited) | fleet waiting {self.fleet.waiting:.2f}"
+            f" kv {self.fleet.kv_usage:.2f}"
         )
         return "\n".join([head, *(cost.explain() for cost in self.ranked)])
 
@@ -361,7 +424,7 @@ class Router:
         if not loads:
             raise ValueError("pick needs at least one candidate pod in loads")
         self.expire()
-        ranked, keys = self._rank(token_ids, loads, model, lora, extra)
+        ranked, keys, fleet = self._rank(token_ids, loads, model, lora, extra)
         chosen = ranked[0].pod
         credited = self._credit(chosen, keys) if speculative else 0
         with self._lock:
@@ -369,7 +432,7 @@ class Router:
             if ranked[0].load.scraped_at is not None:
                 picks = self._inflight.setdefault(chosen, collections.deque(maxlen=MAX_INFLIGHT))
                 picks.append((self._clock(), ranked[0].uncached_tokens))
-        return Decision(chosen, ranked, len(token_ids), len(keys), credited)
+        return Decision(chosen, ranked, len(token_ids), len(keys), credited, fleet)
 
     def expire(self) -> int:
         """Remove the speculative credits whose TTL ran out; returns how many blocks."""
@@ -443,14 +506,15 @@ class Router:
         model: str,
         lora: str | None,
         extra: RequestExtras | None,
-    ) -> tuple[list[PodCost], list[int]]:
-        """The ranking and the prompt's block keys (reused for the speculative credit)."""
+    ) -> tuple[list[PodCost], list[int], FleetLoad]:
+        """The ranking, the prompt's block keys (reused for the speculative credit) and the
+        candidates' congestion."""
         pods = [load.pod for load in loads]
         if len(set(pods)) != len(pods):
             duplicates = sorted({pod for pod in pods if pods.count(pod) > 1})
             raise ValueError(f"loads name a pod more than once: {duplicates}")
         if not loads:
-            return [], []
+            return [], [], FleetLoad()
         block_size = self.indexer.scheme.block_size
         with self.indexer.read_priority.reading():
             keys = self.indexer.block_keys(token_ids, model, lora=lora, extra=extra)
@@ -460,9 +524,10 @@ class Router:
         held = _held_blocks(runs)
         model_ = self.cost
         longest = max((gpu + cpu for gpu, cpu in held.values()), default=0)
+        current = [self._with_inflight(scraped) for scraped in loads]
+        fleet = FleetLoad.of([load for load, _ in current])
         costs: list[PodCost] = []
-        for scraped in loads:
-            load, inflight = self._with_inflight(scraped)
+        for load, inflight in current:
             gpu, cpu = held.get(load.pod, (0, 0))
             cached_tokens = (gpu + cpu) * block_size
             uncached = len(token_ids) - cached_tokens
@@ -473,7 +538,9 @@ class Router:
             queue += load.running * model_.running_per_request
             prefill = uncached * model_.prefill_per_token
             transfer = cpu * block_size * model_.cpu_hit_per_token
-            pressure = model_.pressure_seconds(prefill, load.kv_usage)
+            # What this pod's miss costs the others: priced at the fleet's congestion.
+            pressure = model_.pressure_seconds(prefill, fleet.kv_usage)
+            externality = model_.externality_seconds(prefill, fleet.waiting)
             saturated = (
                 load.kv_usage >= model_.saturation_kv_usage
                 or load.waiting >= model_.saturation_waiting
@@ -495,17 +562,18 @@ class Router:
                     transfer_s=round(transfer, 9),
                     stickiness_s=round(bonus, 9),
                     predicted_ttft_s=round(ttft, 9),
-                    cost_s=round(ttft + pressure - bonus, 9),
+                    cost_s=round(ttft + pressure + externality - bonus, 9),
                     cached_tokens=cached_tokens,
                     saturated=saturated,
                     load=load,
                     kv_pressure_s=round(pressure, 9),
                     saturation=round(saturation, 9),
                     inflight=inflight,
+                    queue_externality_s=round(externality, 9),
                 )
             )
         costs.sort(key=lambda c: (c.cost_s, c.pod))
-        return costs, keys
+        return costs, keys, fleet
 
     def _credit(self, pod: str, keys: Sequence[int]) -> int:
         """Add the speculative entry on every key and schedule its expiry; returns blocks."""

@@ -34,6 +34,7 @@ MODEL = CostModel(
     queue_per_request=0.1,
     running_per_request=0.01,
     kv_pressure=0.0,
+    queue_externality=0.0,
     stickiness=0.0,
 )
 
@@ -185,6 +186,7 @@ STICKY = CostModel(
     saturation_kv_usage=0.9,
     saturation_waiting=3,
     kv_pressure=0.0,
+    queue_externality=0.0,
     stickiness=0.02,
 )
 
@@ -272,21 +274,119 @@ def test_queued_prefill_tokens_replace_the_per_request_queue_cost(indexer: Index
         PodLoad("a", queued_prefill_tokens=-1)
 
 
-def test_kv_pressure_charges_a_miss_on_a_busy_pool(indexer: Indexer) -> None:
-    model = CostModel(prefill_per_token=0.001, running_per_request=0.0, kv_pressure=2.0)
+def test_kv_pressure_charges_a_miss_at_the_fleets_kv_usage(indexer: Indexer) -> None:
+    model = CostModel(
+        prefill_per_token=0.001, running_per_request=0.0, kv_pressure=2.0, queue_externality=0.0
+    )
     hold(indexer, "a", 6)  # a: 96 cached, 4 to prefill; b and c: all 100
-    loads = [PodLoad("a", kv_usage=0.75), PodLoad("b", kv_usage=0.5), PodLoad("c")]
-    costs = by_pod(Router(indexer, model).rank(PROMPT, loads))
-    # prefill * weight * u / (1 - u), computed here by hand
-    assert costs["a"].kv_pressure_s == pytest.approx(0.004 * 2.0 * 3.0)
-    assert costs["b"].kv_pressure_s == pytest.approx(0.1 * 2.0 * 1.0)
-    assert costs["c"].kv_pressure_s == 0.0
+    loads = [PodLoad("a", kv_usage=0.75), PodLoad("b", kv_usage=0.45), PodLoad("c")]
+    decision = Router(indexer, model).pick(PROMPT, loads, speculative=False)
+    costs = by_pod(decision.ranked)
+    # prefill * weight * u / (1 - u) at the mean usage u = 0.4, computed here by hand
+    assert decision.fleet.kv_usage == pytest.approx(0.4)
+    assert costs["a"].kv_pressure_s == pytest.approx(0.004 * 2.0 * (0.4 / 0.6))
+    assert costs["b"].kv_pressure_s == pytest.approx(0.1 * 2.0 * (0.4 / 0.6))
+    # c's pool is empty, but its miss takes room the balancing router would use there
+    assert costs["c"].kv_pressure_s == costs["b"].kv_pressure_s
     # not part of the predicted TTFT, part of the cost
     assert costs["b"].predicted_ttft_s == pytest.approx(0.1)
-    assert costs["b"].cost_s == pytest.approx(0.1 + 0.2)
-    assert "kv pressure 0.2000" in costs["b"].explain()
+    assert costs["b"].cost_s == pytest.approx(0.1 + 0.2 * 2 / 3)
+    assert "kv pressure 0.1333" in costs["b"].explain()
+    assert "fleet waiting 0.00 kv 0.40" in decision.explain().splitlines()[0]
     full = by_pod(Router(indexer, model).rank(PROMPT, [PodLoad("b", kv_usage=1.0)]))["b"]
     assert full.kv_pressure_s == pytest.approx(0.1 * 2.0 * 99.0)  # capped, not infinite
+
+
+def test_a_fuller_holder_pool_alone_does_not_push_its_hits_away(indexer: Indexer) -> None:
+    """Pods of a saturated fleet swing between 0.9 and a full pool with each admission burst.
+    Priced at a pod's own usage, the holder's 36 uncached tokens at 0.99 (x 99) outweighed
+    another pod's 100 at 0.9 (x 9) and the request copied the prefix; at the fleet's usage
+    the miss is what costs more."""
+    model = CostModel(
+        prefill_per_token=0.001, running_per_request=0.0, kv_pressure=2.0, queue_externality=0.0
+    )
+    hold(indexer, "a", 4)  # a: 64 cached, 36 to prefill; b: all 100
+    loads = [PodLoad("a", kv_usage=0.99), PodLoad("b", kv_usage=0.9)]
+    decision = Router(indexer, model).pick(PROMPT, loads, speculative=False)
+    assert decision.pod == "a"
+    a, b = by_pod(decision.ranked)["a"], by_pod(decision.ranked)["b"]
+    ratio = 0.945 / 0.055
+    assert a.kv_pressure_s == pytest.approx(0.036 * 2.0 * ratio)
+    assert b.kv_pressure_s == pytest.approx(0.1 * 2.0 * ratio)
+    # Each pod's own usage would have sent it away from its cache.
+    own_a = a.predicted_ttft_s + model.pressure_seconds(a.prefill_s, 0.99)
+    own_b = b.predicted_ttft_s + model.pressure_seconds(b.prefill_s, 0.9)
+    assert own_a > own_b
+
+
+EXTERNAL = CostModel(
+    prefill_per_token=0.001,
+    running_per_request=0.0,
+    kv_pressure=0.0,
+    stickiness=0.0,
+    queue_externality=1.0,
+)
+
+
+def test_queue_externality_keeps_a_saturated_fleet_on_the_cache_holder(indexer: Indexer) -> None:
+    """Every pod has a queue: leaving the holder's longer queue for a miss elsewhere would save
+    this request 0.044 s and make the fleet prefill 96 more tokens, which delays the requests
+    after it by the fleet's mean queue (8) times that work."""
+    hold(indexer, "a", 6)  # a: 4 tokens to prefill; b and c: all 100
+    loads = [
+        PodLoad("a", waiting=10, queued_prefill_tokens=200),
+        PodLoad("b", waiting=6, queued_prefill_tokens=60),
+        PodLoad("c", waiting=8, queued_prefill_tokens=100),
+    ]
+    without = msgspec.structs.replace(EXTERNAL, queue_externality=0.0)
+    spilled = Router(indexer, without).pick(PROMPT, loads, speculative=False)
+    assert spilled.pod == "b"  # 0.06 + 0.1 < 0.2 + 0.004
+    decision = Router(indexer, EXTERNAL).pick(PROMPT, loads, speculative=False)
+    assert decision.pod == "a"
+    assert decision.fleet.waiting == pytest.approx(8.0)
+    costs = by_pod(decision.ranked)
+    # prefill * weight * mean waiting, by hand; not part of the prediction
+    assert costs["a"].queue_externality_s == pytest.approx(0.004 * 8)
+    assert costs["b"].queue_externality_s == pytest.approx(0.1 * 8)
+    assert costs["b"].predicted_ttft_s == pytest.approx(0.16)
+    assert costs["a"].cost_s == pytest.approx(0.204 + 0.032)
+    assert costs["b"].cost_s == pytest.approx(0.16 + 0.8)
+    assert "queue externality 0.8000" in costs["b"].explain()
+    assert "fleet waiting 8.00" in decision.explain().splitlines()[0]
+
+
+def test_queue_externality_still_spills_off_a_saturated_holder_when_others_idle(
+    indexer: Indexer,
+) -> None:
+    hold(indexer, "a", 6)
+    loads = [
+        PodLoad("a", waiting=10, queued_prefill_tokens=1000, kv_usage=0.95),
+        PodLoad("b"),
+        PodLoad("c"),
+    ]
+    decision = Router(indexer, EXTERNAL).pick(PROMPT, loads, speculative=False)
+    # b: 0.1 + 0.1 * 10/3 = 0.433 against a: 1.004 + 0.004 * 10/3
+    assert decision.pod == "b"
+    assert by_pod(decision.ranked)["b"].cost_s == pytest.approx(0.1 + 0.1 * 10 / 3)
+    # An idle fleet has no externality at all: the load alone decides.
+    idle = [PodLoad("a", running=3), PodLoad("b", running=1)]
+    costs = Router(indexer, EXTERNAL).rank(PROMPT, idle)
+    assert [cost.queue_externality_s for cost in costs] == [0.0, 0.0]
+
+
+def test_defaults_spill_off_a_saturated_holder_when_the_others_idle(indexer: Indexer) -> None:
+    """Loads as vLLM's /metrics gives them (no queued work): the holder's 10 queued requests
+    cost more than a copy on an idle pod, pressure and externality included."""
+    prompt = list(range(5000, 5000 + 1216))
+    hold(indexer, "a", 75, prompt=prompt)
+    loads = [
+        PodLoad("a", waiting=10, running=40, kv_usage=1.0),
+        *(PodLoad(pod, running=5, kv_usage=0.2) for pod in "bcd"),
+    ]
+    decision = Router(indexer).pick(prompt, loads, speculative=False)
+    assert decision.pod != "a"
+    chosen = decision.ranked[0]
+    assert chosen.queue_externality_s > 0.0 and chosen.kv_pressure_s > 0.0
 
 
 def test_defaults_keep_a_saturated_fleet_on_its_cache(indexer: Indexer) -> None:

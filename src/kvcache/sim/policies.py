@@ -9,7 +9,8 @@
 * ``precise``: kvcache's scores from the engines' real events (longest cached prefix).
 * ``precise_load``: `kvcache.routing.Router` (prefix + load -> predicted TTFT, speculative).
 * ``oracle``: perfect knowledge of every engine's cache and queue: `precise_load`'s objective
-  (predicted TTFT + KV pressure - stickiness) computed on the true simulated state.
+  (predicted TTFT + KV pressure + queueing externality - stickiness) computed on the true
+  simulated state.
 
 Every policy sees the same `RouteContext`: the request, its block keys (kvcache's scheme) and
 each pod's load as of the latest /metrics scrape (the oracle alone reads the live load). Ties
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from kvcache.indexer import Indexer
-from kvcache.routing import CostModel, PodLoad, Router
+from kvcache.routing import CostModel, FleetLoad, PodLoad, Router
 from kvcache.sim.workloads import SimRequest
 
 POLICIES: tuple[str, ...] = (
@@ -328,7 +329,8 @@ class OraclePolicy:
 
     The Router's objective with nothing estimated: the true time to first token
     (`PodView.predict_ttft`: the engine's cached tokens for the prompt, the scheduler's queue,
-    free blocks and decoders' finishing steps), plus the same KV-pressure term and minus the
+    free blocks and decoders' finishing steps), plus the same KV-pressure and queueing
+    externality terms (at the live fleet's mean KV usage and waiting count) and minus the
     same stickiness (for the pods truly holding the longest prefix), from ``cost``. Greedy per
     request like every policy here: it sees the present exactly, not the requests to come, so
     it is the ceiling of what better information buys, not of every conceivable scheduler.
@@ -349,12 +351,17 @@ class OraclePolicy:
         loads = ctx.live_loads or ctx.loads
         cached = {load.pod: self.truth[load.pod].cached_tokens(prompt) for load in loads}
         longest = max(cached.values(), default=0)
+        fleet = FleetLoad.of(loads)
         keys: dict[str, tuple[float, int]] = {}
         for load in loads:
             held = cached[load.pod]
             ttft = self.truth[load.pod].predict_ttft(ctx.now, prompt, output_len, held)
             prefill = (len(prompt) - held) * self.cost.prefill_per_token
-            total = ttft + self.cost.pressure_seconds(prefill, load.kv_usage)
+            total = (
+                ttft
+                + self.cost.pressure_seconds(prefill, fleet.kv_usage)
+                + self.cost.externality_seconds(prefill, fleet.waiting)
+            )
             if longest and held == longest:
                 total -= self.cost.holder_bonus(load)
             keys[load.pod] = (round(total, 9), -held)
