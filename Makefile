@@ -32,6 +32,7 @@ $(VENV)/.bench-installed: $(STAMP)
 	touch $@
 
 bench: $(VENV)/.bench-installed
+	-bash scripts/fetch-wrk.sh  # wrk cross-checks the load section's client; optional
 	DYN_LOG=error $(BIN)/python -m bench.run
 
 clean:

@@ -48,7 +48,7 @@ from typing import IO, Any
 
 import zmq
 
-from bench import ingest_bench
+from bench import ingest_bench, wrk
 from bench.hashing_bench import prompt
 from bench.publisher import MODEL, PROBE_TOKENS, encode_batch, stored
 from bench.stats import median, percentile
@@ -455,6 +455,26 @@ def _in_process(
     return window
 
 
+@dataclasses.dataclass
+class _WrkWindow:
+    figures_: dict[str, Any]
+
+    def figures(self) -> dict[str, Any]:
+        return self.figures_
+
+
+def _wrk(port: int, path: str, bodies: list[bytes], seconds: float) -> Measure:
+    """A window of wrk's closed loop, figured as the Python client's windows are."""
+
+    def measure() -> _WrkWindow:
+        figures = wrk.run(port, path, bodies, seconds)
+        error = figures.pop("error", None)
+        base = {"p50_ms": None, "p99_ms": None, "throughput_rps": 0.0, "requests": 0}
+        return _WrkWindow({**base, "errors": 1 if error else 0, **figures, "first_error": error})
+
+    return measure  # type: ignore[return-value]  # duck-typed: only .figures() is used
+
+
 def _metric(server: Server, name: str) -> float:
     status, body = server.get("/metrics")
     if status != 200:
@@ -598,6 +618,17 @@ def _measure(  # noqa: PLR0917 (private; one call site)
         conditions["dynamo_c1"] = (http(dynamo.port, dyn_requests, dynamo_check, 1), True)
         conditions["dynamo_c4"] = (http(dynamo.port, dyn_requests, dynamo_check, 4), True)
         conditions["dynamo_c1_idle"] = (http(dynamo.port, dyn_requests, dynamo_check, 1), False)
+    if wrk.command() is not None:  # the same c1 windows from a C client (bench/wrk.py)
+        kv_bodies = [json.dumps({"token_ids": t, "model": MODEL}).encode() for t in prompts]
+        conditions["kvcache_c1_wrk"] = (
+            _wrk(kvcache.port, "/score_tokens", kv_bodies, window),
+            True,
+        )
+        if dynamo is not None:
+            dyn_bodies = [
+                json.dumps({"token_ids": t, "model_name": MODEL}).encode() for t in prompts
+            ]
+            conditions["dynamo_c1_wrk"] = (_wrk(dynamo.port, "/query", dyn_bodies, window), True)
     # Warm both servers and this process's code paths up (not recorded).
     load(kvcache.port, kv_requests, kvcache_check, connections=1, seconds=0.3)
     if dynamo is not None:
@@ -686,6 +717,11 @@ def _summary(
         "kvcache_p50_over_dynamo": vs_dynamo,
         "kvcache_throughput_over_dynamo": ratio("kvcache_c4", "dynamo_c4", "throughput_rps"),
         "faster_than_dynamo": None if vs_dynamo is None else vs_dynamo < 1.0,
+        # What HTTP adds to a score (HTTP p50 - in-process p50), against the in-process p50.
+        "http_overhead_ms": _overhead(windows["kvcache_c1"], windows["in_process"]),
+        "http_overhead_over_in_process": None if over_in_process is None else over_in_process - 1.0,
+        "wrk_kvcache_p50_over_dynamo": ratio("kvcache_c1_wrk", "dynamo_c1_wrk"),
+        "wrk_http_p50_over_in_process": ratio("kvcache_c1_wrk", "in_process"),
         "errors": sum(c["errors"] for c in conditions.values()),
         "kvcache_pods_identity": sum(p["hash_mode"] == "identity" for p in pods),
         "kvcache_pods": len(pods),

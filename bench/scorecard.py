@@ -60,6 +60,8 @@ def compare(value: Any, op: str, limit: float) -> bool | None:
         return None
     if op == "<=":
         return number <= limit
+    if op == "<":
+        return number < limit
     if op == ">=":
         return number >= limit
     if op == "==":
@@ -232,6 +234,18 @@ def _ingest_rows(ingest: dict[str, Any] | None) -> list[tuple[str, str, str]]:
             mops(rates["kvcache_identity_2_shards"]),
             vs(flow["identity_2_shards_vs_dynamo"]),
         ),
+        *(
+            [
+                (
+                    "ingest: kvcache identity, on an event loop (as `kvcache serve`)",
+                    mops(rates["kvcache_identity_on_loop"]),
+                    vs(flow["identity_on_loop_vs_dynamo"])
+                    + f"; {flow['identity_on_loop_vs_thread']:.2f}x the receive thread",
+                )
+            ]
+            if "kvcache_identity_on_loop" in rates
+            else []
+        ),
         (
             "ingest: kvcache dual-key (seed mismatch)",
             mops(rates["kvcache_dual"]),
@@ -271,6 +285,11 @@ def _load_rows(load: dict[str, Any] | None) -> list[tuple[str, str, str]]:
             f"({cond['in_process']['p50_ms']:.2f} ms; target <= 2x)",
         ),
         (
+            "HTTP overhead per score (HTTP p50 - in-process p50), ingest",
+            "n/a" if load.get("http_overhead_ms") is None else f"{load['http_overhead_ms']:.2f} ms",
+            f"{x(load.get('http_overhead_over_in_process'))} in-process p50 (target <= 2x)",
+        ),
+        (
             "HTTP /score_tokens 8k p50 / p99, no ingest",
             ms("kvcache_c1_idle"),
             f"{x(load['idle_http_p50_over_in_process'])} in-process p50 "
@@ -295,6 +314,22 @@ def _load_rows(load: dict[str, Any] | None) -> list[tuple[str, str, str]]:
                 f"kvcache {x(load['kvcache_throughput_over_dynamo'])} this",
             ),
         ]
+    if "kvcache_c1_wrk" in cond:  # the same c1 windows from wrk (a C client)
+        rows.append(
+            (
+                "wrk: HTTP /score_tokens 8k p50 / p99, same ingest",
+                ms("kvcache_c1_wrk"),
+                f"{x(load.get('wrk_http_p50_over_in_process'))} in-process p50",
+            )
+        )
+    if "dynamo_c1_wrk" in cond:
+        rows.append(
+            (
+                "wrk: Dynamo /query 8k p50 / p99, same ingest",
+                ms("dynamo_c1_wrk"),
+                f"kvcache p50 takes {x(load.get('wrk_kvcache_p50_over_dynamo'))} this",
+            )
+        )
     return rows
 
 
@@ -441,6 +476,20 @@ def _load_checks(load: dict[str, Any]) -> list[Check]:
     name = "HTTP /score_tokens p50 / in-process p50, during ingest"
     return [
         _check("load", name, ratio, ("<=", 2.0), _x),
+        _check(
+            "load",
+            "HTTP overhead (HTTP p50 - in-process p50) / in-process p50, during ingest",
+            load.get("http_overhead_over_in_process"),
+            ("<=", 2.0),
+            _x,
+        ),
+        _check(
+            "load",
+            "kvcache HTTP p50 / Dynamo /query p50, during ingest",
+            load.get("kvcache_p50_over_dynamo"),
+            ("<", 1.0),
+            _x,
+        ),
         _check("load", "HTTP errors", load.get("errors"), ("==", 0), lambda v: f"{v:.0f}"),
     ]
 
