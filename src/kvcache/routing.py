@@ -384,8 +384,7 @@ class Router:
         self._pending: collections.deque[tuple[float, str, tuple[int, ...]]] = collections.deque()
         # pod -> (pick time, predicted uncached tokens) of the picks made since the newest
         # snapshot of the pod this Router saw; pod -> that snapshot's time.
-        self._inflight: dict[str, collections.deque[tuple[float, int]]] = {}
-        self._snapshot_at: dict[str, float] = {}
+        self._inflight: dict[str, _Picks] = {}
         self._decisions = 0
         self._credited = 0
         self._expired = 0
@@ -430,8 +429,10 @@ class Router:
         with self._lock:
             self._decisions += 1
             if ranked[0].load.scraped_at is not None:
-                picks = self._inflight.setdefault(chosen, collections.deque(maxlen=MAX_INFLIGHT))
-                picks.append((self._clock(), ranked[0].uncached_tokens))
+                picks = self._inflight.get(chosen)
+                if picks is None:
+                    picks = self._inflight[chosen] = _Picks()
+                picks.add(self._clock(), ranked[0].uncached_tokens)
         return Decision(chosen, ranked, len(token_ids), len(keys), credited, fleet)
 
     def expire(self) -> int:
@@ -457,6 +458,10 @@ class Router:
                     continue
                 removed += len(due)
             self._expired += removed
+            # Pods gone from the fleet (no pick, no snapshot for a while) are forgotten.
+            idle = now - INFLIGHT_IDLE_S
+            for pod in [pod for pod, picks in self._inflight.items() if picks.touched < idle]:
+                del self._inflight[pod]
             return removed
 
     def statistics(self) -> dict[str, Any]:
@@ -465,7 +470,7 @@ class Router:
         with self._lock:
             return {
                 "decisions": self._decisions,
-                "inflight_requests": sum(len(picks) for picks in self._inflight.values()),
+                "inflight_requests": sum(len(p.picks) for p in self._inflight.values()),
                 "speculative_credits": self._credited,
                 "speculative_failures": self._credit_failures,
                 "speculative_blocks_live": len(self._expiry),
@@ -479,24 +484,27 @@ class Router:
         if load.scraped_at is None:
             return load, 0
         with self._lock:
+            now = self._clock()
+            if load.scraped_at > now + 1.0:
+                raise ValueError(
+                    f"PodLoad.scraped_at of {load.pod} is {load.scraped_at - now:.3f} s ahead of"
+                    " the Router's clock: give it on the Router's clock (time.monotonic() unless"
+                    " the Router was made with another)"
+                )
             picks = self._inflight.get(load.pod)
-            if load.scraped_at > self._snapshot_at.get(load.pod, -math.inf):
-                # A newer snapshot: the picks before it are in its numbers (or done).
-                self._snapshot_at[load.pod] = load.scraped_at
-                while picks and picks[0][0] < load.scraped_at:
-                    picks.popleft()
-            # An older snapshot than the newest seen (out of order) counts what is left.
-            since = [tokens for at, tokens in picks or () if at >= load.scraped_at]
-        if not since:
+            if picks is None:
+                picks = self._inflight[load.pod] = _Picks()
+            count, tokens = picks.since(load.scraped_at, now)
+        if not count:
             return load, 0
         queued = load.queued_prefill_tokens
         return (
             msgspec.structs.replace(
                 load,
-                waiting=load.waiting + len(since),
-                queued_prefill_tokens=None if queued is None else queued + sum(since),
+                waiting=load.waiting + count,
+                queued_prefill_tokens=None if queued is None else queued + tokens,
             ),
-            len(since),
+            count,
         )
 
     def _rank(
@@ -601,6 +609,53 @@ class Router:
 MAX_INFLIGHT = 65_536
 """Picks remembered per pod between two of its snapshots (a bound for a pod whose scrapes
 stopped: beyond it the oldest are forgotten and its queue is underestimated)."""
+
+INFLIGHT_IDLE_S = 300.0
+"""A pod with neither a pick nor a snapshot for this long (on the Router's clock) is forgotten
+by the in-flight accounting (`Router.expire`): pods that left the fleet do not accumulate."""
+
+
+class _Picks:
+    """One pod's picks since its newest snapshot, oldest first, with their predicted tokens.
+
+    The caller holds the Router's lock. With snapshots in time order (the usual case) a load is
+    adjusted in O(picks its snapshot retires), not O(picks kept).
+    """
+
+    __slots__ = ("picks", "snapshot_at", "tokens", "touched")
+
+    def __init__(self) -> None:
+        self.picks: collections.deque[tuple[float, int]] = collections.deque()
+        self.tokens = 0  # the picks' predicted uncached tokens, summed
+        self.snapshot_at = -math.inf
+        self.touched = -math.inf
+
+    def add(self, at: float, tokens: int) -> None:
+        if len(self.picks) >= MAX_INFLIGHT:
+            self.tokens -= self.picks.popleft()[1]
+        self.picks.append((at, tokens))
+        self.tokens += tokens
+        self.touched = at
+
+    def since(self, scraped_at: float, now: float) -> tuple[int, int]:
+        """The picks at or after ``scraped_at`` and their tokens; a newer snapshot first retires
+        the picks before it (its numbers show them)."""
+        self.touched = now
+        picks = self.picks
+        if scraped_at > self.snapshot_at:
+            self.snapshot_at = scraped_at
+            while picks and picks[0][0] < scraped_at:
+                self.tokens -= picks.popleft()[1]
+            return len(picks), self.tokens
+        # An older snapshot than the newest seen (out of order): count from the newest back.
+        count = tokens = 0
+        for at, predicted in reversed(picks):
+            if at < scraped_at:
+                break
+            count += 1
+            tokens += predicted
+        return count, tokens
+
 
 MAX_USAGE = 0.99
 """`kv_usage` is capped here in the pressure term: a full pool costs 99x the prefill, not inf."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import socket as socket_module
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -11,9 +12,10 @@ from collections.abc import Callable, Iterator
 import pytest
 import zmq
 
+from kvcache.config import Config
 from kvcache.errors import ConfigError
 from kvcache.events.subscriber import LOOP_SLICE_S, Subscriber
-from kvcache.service.app import new_event_loop
+from kvcache.service.app import Service, new_event_loop
 
 
 class LoopThread:
@@ -187,7 +189,7 @@ def test_stop_on_the_loop_thread_and_after_the_loop_closed() -> None:
     runner.call(subscriber.stop)
     assert not subscriber.running
 
-    # As `kvcache serve` shuts down: the loop has stopped and closed before the service stops.
+    # A loop this thread runs and that has stopped (or closed): stop() closes from here.
     loop = new_event_loop()
     late = Subscriber(lambda frames: None, bind=["tcp://127.0.0.1:0"])
     late.start(loop=loop)  # a loop this thread runs, not yet running
@@ -208,3 +210,125 @@ def test_a_socket_that_cannot_open_is_a_config_error(loop_thread: LoopThread) ->
         assert not subscriber.running
     finally:
         holder.close(linger=0)
+
+
+def test_a_refused_endpoint_change_does_not_strand_pending_messages() -> None:
+    """Connecting (here: refused) makes ZMQ take in its pending notifications: a message that
+    arrived meanwhile must still be read, and so must every later one."""
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+    pub: zmq.Socket[bytes] = context.socket(zmq.PUB)
+    port = pub.bind_to_random_port("tcp://127.0.0.1")
+    got: list[bytes] = []
+    subscriber = Subscriber(lambda f: got.append(bytes(f[0])), connect=[f"tcp://127.0.0.1:{port}"])
+    loop = new_event_loop()
+    busy_r, busy_w = socket_module.socketpair()
+    busy_r.setblocking(False)
+
+    def busy() -> None:  # another reader of the loop (a request) while the engine publishes
+        busy_r.recv(16)
+        pub.send_multipart([b"pending", b""])
+        time.sleep(0.05)
+
+    async def scenario() -> int:
+        while not got:
+            pub.send_multipart([b"warm", b""])
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)
+        before = len(got)
+        loop.add_reader(busy_r.fileno(), busy)
+
+        def change() -> None:  # the busy reader is ready first, then the endpoint change
+            busy_w.send(b"x")
+            subscriber.add_endpoint("ws://127.0.0.1:1")  # this libzmq has no ws transport
+
+        loop.call_soon(change)
+        await asyncio.sleep(0.3)
+        for n in range(5):
+            pub.send_multipart([b"later%d" % n, b""])
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)
+        return before
+
+    try:
+        subscriber.start(loop=loop)
+        before = loop.run_until_complete(scenario())
+    finally:
+        subscriber.stop()
+        loop.remove_reader(busy_r.fileno())
+        loop.close()
+        busy_r.close()
+        busy_w.close()
+        pub.close(linger=0)
+    assert subscriber.endpoint_errors == 1
+    assert got[before:] == [b"pending", *(b"later%d" % n for n in range(5))]
+
+
+def test_endpoint_changes_on_the_loop_thread_apply_before_returning(
+    pub: tuple[zmq.Socket[bytes], str],
+) -> None:
+    socket, endpoint = pub
+    got: list[bytes] = []
+    subscriber = Subscriber(lambda f: got.append(bytes(f[0])), dynamic=True)
+    loop = new_event_loop()
+
+    async def scenario() -> None:
+        subscriber.add_endpoint(endpoint)  # on the loop's own thread: dialled on return
+        while b"one" not in got:
+            socket.send_multipart([b"one", b""])
+            await asyncio.sleep(0.01)
+        subscriber.remove_endpoint(endpoint)  # disconnected on return
+        socket.send_multipart([b"after", b""])
+        time.sleep(0.1)  # in the SUB socket's queue by now, were it still connected
+        for _ in range(5):
+            socket.send_multipart([b"after", b""])
+            await asyncio.sleep(0.02)
+
+    try:
+        subscriber.start(loop=loop)
+        loop.run_until_complete(asyncio.wait_for(scenario(), 10))
+    finally:
+        subscriber.stop()
+        loop.close()
+    assert b"after" not in got
+
+
+def test_stop_from_another_thread_once_the_loop_has_stopped_and_start_on_a_wrong_thread() -> None:
+    runner = LoopThread()
+    subscriber = Subscriber(lambda frames: None, bind=["tcp://127.0.0.1:0"])
+    runner.call(lambda: subscriber.start(loop=runner.loop))
+    runner.loop.call_soon_threadsafe(runner.loop.stop)
+    runner.thread.join(10)
+    assert not runner.loop.is_running() and not runner.loop.is_closed()
+    started = time.monotonic()
+    subscriber.stop(timeout=5.0)  # nothing runs the loop: closed from here, at once
+    assert time.monotonic() - started < 1.0 and not subscriber.running
+    runner.loop.close()
+
+    other = LoopThread()  # running on its own thread
+    try:
+        with pytest.raises(RuntimeError, match="loop's thread"):
+            Subscriber(lambda frames: None, bind=["tcp://127.0.0.1:0"]).start(loop=other.loop)
+    finally:
+        other.close()
+
+
+@pytest.mark.parametrize(("events", "on_loop"), [({}, True), ({"shards": 2}, False)])
+def test_the_service_reads_on_its_loop_only_when_ingest_applies_inline(
+    events: dict[str, object], on_loop: bool
+) -> None:
+    """One shard and an in-process index: the socket is read on the HTTP loop, and ingest no
+    longer waits on the scoring gate (it would block the loop the readers need). Otherwise
+    (queued shards here; Redis too) the subscriber keeps its receive thread and the gate."""
+    config = Config.from_mapping({"events": {"zmq_bind": ["tcp://127.0.0.1:0"], **events}})
+    service = Service(config)
+    loop = new_event_loop()
+    try:
+        assert service.ingest_on_loop is on_loop
+        service.start(loop=loop)
+        assert service.subscriber.running
+        assert (service.subscriber.loop is loop) is on_loop
+        assert (service.pipeline.priority is None) is on_loop
+    finally:
+        service.stop()
+        loop.close()
+    assert not service.subscriber.running

@@ -23,6 +23,7 @@ from kvcache import (
 )
 from kvcache.errors import ConfigError
 from kvcache.index.memory import MemoryIndex
+from kvcache.routing import INFLIGHT_IDLE_S
 
 BLOCK = 16  # the default scheme's block size
 PROMPT = list(range(1000, 1100))  # 100 tokens: 6 full blocks, 4 tokens in a partial block
@@ -621,6 +622,44 @@ def test_each_pod_counts_against_its_own_scrape(indexer: Indexer) -> None:
     costs = by_pod(router.rank(prompt(1), fresh))
     assert (costs["a"].inflight, costs["b"].inflight) == (1, 0)
     assert router.pick(prompt(1), fresh).pod == "b"
+
+
+def test_an_older_snapshot_than_the_newest_counts_only_the_picks_after_it(
+    indexer: Indexer,
+) -> None:
+    clock = FakeClock()
+    router = Router(indexer, MODEL, clock=clock)
+    start = clock.now
+    for n in range(3):  # picks at start, +0.01, +0.02, predicted uncached tokens each
+        router.pick(prompt(n), [PodLoad("a", queued_prefill_tokens=0, scraped_at=start)])
+        clock.now += 0.01
+    (a,) = router.rank(prompt(9), [PodLoad("a", queued_prefill_tokens=0, scraped_at=start + 0.015)])
+    assert a.inflight == 1  # the newest snapshot retired the first two
+    tokens = a.load.queued_prefill_tokens
+    # A late answer from an earlier scrape: the picks after it that are still kept.
+    (a,) = router.rank(prompt(9), [PodLoad("a", queued_prefill_tokens=0, scraped_at=start)])
+    assert (a.inflight, a.load.queued_prefill_tokens) == (1, tokens)
+
+
+def test_pods_idle_past_the_horizon_are_forgotten(indexer: Indexer) -> None:
+    clock = FakeClock()
+    router = Router(indexer, MODEL, clock=clock)
+    router.pick(prompt(0), [PodLoad("gone", scraped_at=clock.now)])
+    router.rank(prompt(1), [PodLoad("stays", scraped_at=clock.now)])
+    assert router.statistics()["inflight_requests"] == 1
+    clock.now += INFLIGHT_IDLE_S / 2
+    router.rank(prompt(1), [PodLoad("stays", scraped_at=clock.now)])  # still scraped
+    clock.now += INFLIGHT_IDLE_S / 2 + 1
+    router.expire()
+    assert router.statistics()["inflight_requests"] == 0
+    assert set(router._inflight) == {"stays"}
+
+
+def test_a_scrape_time_ahead_of_the_routers_clock_is_refused(indexer: Indexer) -> None:
+    clock = FakeClock()
+    router = Router(indexer, MODEL, clock=clock)
+    with pytest.raises(ValueError, match="ahead of the Router's clock"):
+        router.rank(prompt(0), [PodLoad("a", scraped_at=clock.now + 60.0)])  # time.time()?
 
 
 # -- the explanation and the value types ---------------------------------------------------------

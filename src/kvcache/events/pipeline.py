@@ -5,9 +5,9 @@ arrival order by one worker. A full queue drops the message and counts it; the s
 of the pod's next message then shows the loss as a gap, exactly like a network loss.
 
 With one shard (the default) there is no queue and no worker: `submit` decodes and applies on
-the caller's thread (the ZMQ receive thread). On CPython a hand-off to another thread only adds
-GIL traffic, and the socket's own receive buffer (bounded by its high-water mark; a drop shows as
-a sequence gap) already holds what arrives while a message is applied.
+the caller's thread (the one that reads the ZMQ socket). On CPython a hand-off to another thread
+only adds GIL traffic, and the socket's own receive buffer (bounded by its high-water mark; a
+drop shows as a sequence gap) already holds what arrives while a message is applied.
 """
 
 from __future__ import annotations
@@ -191,6 +191,11 @@ class IngestPipeline:
                 log.exception("failed to apply a message")
             finally:
                 inbox.task_done()
+
+    @property
+    def inline(self) -> bool:
+        """Whether `submit` applies on the caller's thread (one shard) instead of queueing."""
+        return self._inline
 
     def queue_depths(self) -> list[int]:
         """Messages waiting per shard."""

@@ -5,15 +5,19 @@ Two layouts: **bind** (engines connect to us, llm-d's centralised layout; defaul
 endpoints by itself, and a bound socket simply accepts publishers as they (re)appear.
 
 Dialled endpoints can also change while running (`add_endpoint` / `remove_endpoint`, used by pod
-discovery). ZMQ sockets are not thread-safe, so callers only record the wanted set; the receive
-thread, woken through a socket pair, connects and disconnects to match it.
+discovery). ZMQ sockets are not thread-safe, so callers on other threads only record the wanted
+set; the thread that reads the socket, woken through a socket pair, connects and disconnects to
+match it.
 
 Two ways to run: a receive thread of its own (`start()`), or callbacks on an asyncio event loop
 (`start(loop=...)`, what `kvcache serve` does). On CPython the first makes ingest and HTTP scoring
 two threads contending for one GIL: measured on a 2-core machine, ingesting 100k blocks/s in the
 same process raised the HTTP score's p50 from ~0.33 to ~0.52 ms although ingest used a few % of
 a core (each message's wake-up takes the GIL from the request being served). On the loop, ingest
-and requests take turns on one thread: a request waits at most one ingest slice (`LOOP_SLICE_S`).
+and requests take turns on one thread: a request waits for at most one ingest slice
+(`LOOP_SLICE_S`, or one message that takes longer to apply). What the sink does runs on the loop,
+so it must not block: `kvcache serve` reads on the loop only when ingest applies inline to an
+in-process index (kvcache.service.app).
 """
 
 from __future__ import annotations
@@ -64,7 +68,8 @@ def validate_dial_endpoint(endpoint: str) -> str:
 
 
 class Subscriber:
-    """One SUB socket on a background thread, feeding every message to ``sink``."""
+    """One SUB socket, read on a thread of its own or on an event loop, feeding every message to
+    ``sink``."""
 
     def __init__(
         self,
@@ -121,7 +126,7 @@ class Subscriber:
     def add_endpoint(self, endpoint: str, timeout: float = 5.0) -> None:
         """Dial ``endpoint`` too; idempotent, callable before or after `start` from any thread.
 
-        When running, returns once the receive thread has connected (or ``timeout`` passed).
+        When running, returns once the socket dials it (or ``timeout`` passed).
         Raises ConfigError for anything a SUB socket cannot dial.
         """
         validate_dial_endpoint(endpoint)
@@ -136,8 +141,8 @@ class Subscriber:
     def remove_endpoint(self, endpoint: str, timeout: float = 5.0) -> None:
         """Stop dialling ``endpoint``; unknown endpoints are ignored.
 
-        When running, returns once the receive thread has disconnected: from then on nothing
-        more arrives from that endpoint (ZMQ discards what it had not yet handed over).
+        When running, returns once the socket has disconnected: from then on nothing more
+        arrives from that endpoint (ZMQ discards what it had not yet handed over).
         """
         with self._lock:
             if endpoint not in self._wanted:
@@ -154,8 +159,12 @@ class Subscriber:
         # OSError: the buffer is full (a wake-up is already pending) or the thread closed it.
         with contextlib.suppress(OSError):
             wake[1].send(b"\x00")
-        if threading.current_thread() in (self._thread, self._loop_thread):
-            return  # called from the sink (or the loop's thread): applied after this batch
+        current = threading.current_thread()
+        if current is self._loop_thread and self._socket is not None:
+            self._on_wake()  # the socket's own thread: apply now, between two receives
+            return
+        if current is self._thread:
+            return  # called from the sink: the receive loop applies it after this batch
         with self._synced:
             self._synced.wait_for(
                 lambda: self._applied >= generation or self._wake is None, timeout
@@ -168,8 +177,15 @@ class Subscriber:
 
         Without ``loop``, on a receive thread of its own. With ``loop`` (an event loop, running
         or not, that this thread runs), no thread: the socket is read by callbacks on that loop,
-        a slice at a time (see the module docstring).
+        a slice at a time (see the module docstring); RuntimeError when another thread runs it.
         """
+        if loop is not None and loop.is_running():
+            try:
+                current = asyncio.get_running_loop()
+            except RuntimeError:
+                current = None
+            if current is not loop:
+                raise RuntimeError("Subscriber.start(loop=...) must run on the loop's thread")
         receiver, sender = stdsocket.socketpair()
         receiver.setblocking(False)
         sender.setblocking(False)
@@ -192,7 +208,11 @@ class Subscriber:
         loop = self._loop
         if loop is None or self._socket is None:
             return
-        if loop.is_closed() or threading.current_thread() is self._loop_thread:
+        if (
+            loop.is_closed()
+            or not loop.is_running()  # nothing runs the callbacks: close from here
+            or threading.current_thread() is self._loop_thread
+        ):
             self._close_on_loop()
             return
         # Another thread: the loop's thread owns the socket and the reader registrations.
@@ -208,6 +228,11 @@ class Subscriber:
             self._close_on_loop()
             return
         done.wait(timeout)
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The event loop reading the socket, or None (a receive thread, or not started)."""
+        return self._loop
 
     @property
     def running(self) -> bool:
@@ -292,17 +317,23 @@ class Subscriber:
             events = socket.getsockopt(zmq.EVENTS)
             if isinstance(events, int) and events & zmq.POLLIN:
                 loop.call_soon(self._on_readable)
-        except Exception:  # the sink must never stop ingest silently; the next edge retries
+        except zmq.ZMQError:  # the socket itself failed: stop, so health checks see it
+            log.exception("ZMQ subscriber stopped by a socket error")
+            self._close_on_loop()
+        except Exception:  # a sink bug must not stop ingest for every other message
             log.exception("ZMQ subscriber: a message could not be handed on")
             loop.call_soon(self._on_readable)
 
     def _on_wake(self) -> None:
-        wake, socket = self._wake, self._socket
-        if wake is None or socket is None:
+        wake, socket, loop = self._wake, self._socket, self._loop
+        if wake is None or socket is None or loop is None:
             return
         with contextlib.suppress(BlockingIOError):
             wake[0].recv(4096)
         self._sync_endpoints(socket, self._dialled, self._refused)
+        # Connecting or disconnecting can take in the notification of a message that arrived
+        # meanwhile, and the descriptor would not signal it again: read what is there.
+        loop.call_soon(self._on_readable)
 
     def _close_on_loop(self) -> None:
         socket, self._socket = self._socket, None

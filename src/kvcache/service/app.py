@@ -122,11 +122,24 @@ class Service:
             stats["discovery"] = {**self.reconciler.statistics(), **self.discovery.statistics()}
         return stats
 
+    @property
+    def ingest_on_loop(self) -> bool:
+        """Whether `start(loop)` reads the ZMQ socket on the HTTP event loop: when ingest
+        applies inline (one shard) to an in-process index, so applying a message never waits
+        on a network (Redis) or on a queue. Otherwise the subscriber keeps its own thread."""
+        return self.pipeline.inline and self.config.index.backend != "redis"
+
     def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         """Start ingest: workers first, then the socket that feeds them (read on ``loop``, the
-        event loop serving HTTP, when given: see kvcache.events.subscriber)."""
+        event loop serving HTTP, when given and `ingest_on_loop`: see kvcache.events.subscriber).
+        """
         self.pipeline.start()
-        self.subscriber.start(loop=loop)
+        on_loop = loop if self.ingest_on_loop else None
+        if on_loop is not None:
+            # HTTP reads and ingest take turns on the loop already; the read gate would make
+            # ingest wait, blocking the loop, for a request suspended on that same loop.
+            self.pipeline.priority = None
+        self.subscriber.start(loop=on_loop)
         if self.discovery is not None:
             self.discovery.start()  # ConfigError without credentials or the k8s extra
         if self.grpc is not None:
@@ -136,9 +149,11 @@ class Service:
         """Stop receiving, then apply what is queued (no queued work is lost)."""
         if self.grpc is not None:
             self.grpc.stop(grace=5.0)
+        # The socket first: on the event loop, which no longer runs, a discovery call waiting
+        # for its endpoint change is released by it (it would wait out its timeout).
+        self.subscriber.stop()
         if self.discovery is not None:
             self.discovery.stop()
-        self.subscriber.stop()
         self.pipeline.stop()
 
     def banner(self) -> str:
@@ -250,19 +265,19 @@ def serve(config: Config) -> None:
     from kvcache.service.logs import configure_logging
 
     configure_logging(config.logging)
-    # Other threads (gRPC, discovery, sharded ingest workers) hold the GIL in short bursts; a
-    # short switch interval keeps the event loop's latency low while they run.
+    # Other threads (gRPC, discovery, a receive thread when ingest is not on the loop) hold the
+    # GIL in short bursts; a short switch interval keeps the loop's latency low while they run.
     sys.setswitchinterval(0.0005)
     from kvcache.tracing import init_tracing
 
     service = Service(config)
     stop_tracing = init_tracing(config.tracing)
-    # One event loop, made here, serves HTTP and reads the ZMQ socket: ingest and requests take
-    # turns on one thread instead of contending for the GIL from two.
+    # One event loop, made here, serves HTTP and (Service.ingest_on_loop) reads the ZMQ
+    # socket: ingest and requests take turns on one thread instead of contending for the GIL.
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
-    service.start(loop=loop)
     try:
+        service.start(loop=loop)
         server = _Server(
             uvicorn.Config(
                 service.http,
@@ -283,6 +298,7 @@ def serve(config: Config) -> None:
         service.stop()
         stop_tracing()  # flushes queued spans
         loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.run_until_complete(loop.shutdown_default_executor())  # asyncio.to_thread's
         loop.close()
 
 
