@@ -80,7 +80,7 @@ class Sizes:
 
 
 QUICK = Sizes(pods=8, stored_blocks=20_000, window_s=1.5, repeats=2, floor_requests=200)
-FULL = Sizes(pods=16, stored_blocks=40_000, window_s=3.0, repeats=3, floor_requests=500)
+FULL = Sizes(pods=16, stored_blocks=40_000, window_s=2.0, repeats=5, floor_requests=500)
 
 
 # --------------------------------------------------------------------------------------------

@@ -490,6 +490,19 @@ def _load_checks(load: dict[str, Any]) -> list[Check]:
             ("<", 1.0),
             _x,
         ),
+        *(
+            [
+                _check(
+                    "load",
+                    "the same, both driven by wrk",
+                    load["wrk_kvcache_p50_over_dynamo"],
+                    ("<", 1.0),
+                    _x,
+                )
+            ]
+            if load.get("wrk_kvcache_p50_over_dynamo") is not None
+            else []
+        ),
         _check("load", "HTTP errors", load.get("errors"), ("==", 0), lambda v: f"{v:.0f}"),
     ]
 
