@@ -218,3 +218,29 @@ def test_make_scheme_uses_kernel_for_sha() -> None:
     scheme = make_scheme("sha256_cbor", seed="42", block_size=16)
     assert isinstance(scheme, VllmScheme)
     assert scheme.kernel
+
+
+def test_keys_from_several_threads_equal_the_serial_keys() -> None:
+    """Long chains hash with the GIL released: threads running them at once must each get
+    their own prompt's keys (the output and scratch buffers are per call)."""
+    import threading
+
+    scheme = VllmScheme("sha256_cbor", seed="7", block_size=16, kernel=True)
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(0, 2**32, 4096, dtype=np.uint32) for _ in range(8)]
+    expected = [scheme.block_key_array(p).tolist() for p in prompts]
+    assert len(expected[0]) == 256  # over the no-GIL threshold
+    wrong: list[int] = []
+
+    def worker(offset: int) -> None:
+        for n in range(40):
+            which = (offset + n) % len(prompts)
+            if scheme.block_key_array(prompts[which]).tolist() != expected[which]:
+                wrong.append(which)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not wrong

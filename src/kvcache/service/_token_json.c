@@ -175,6 +175,9 @@ static Py_ssize_t parse(const char *p, const char *end, uint32_t *out, const cha
     return n;
 }
 
+/* From this many bytes of text on, the parse runs with the GIL released (~4 ns an id). */
+#define NOGIL_BYTES 4096
+
 /* The ids of the array at text[offset:] as native u32 bytes; NULL with ValueError if it is not
  * a plain array or (whole) text does not end after it. */
 static PyObject *ids_at(const char *text, Py_ssize_t len, Py_ssize_t offset, int whole,
@@ -184,7 +187,16 @@ static PyObject *ids_at(const char *text, Py_ssize_t len, Py_ssize_t offset, int
     PyObject *out = PyBytes_FromStringAndSize(NULL, cap * 4);
     if (out == NULL) return NULL;
     const char *end = text + len, *after = NULL;
-    Py_ssize_t n = parse(text + offset, end, (uint32_t *)PyBytes_AS_STRING(out), &after);
+    uint32_t *ids = (uint32_t *)PyBytes_AS_STRING(out);
+    Py_ssize_t n;
+    if (len - offset >= NOGIL_BYTES) {
+        /* Pure C over an immutable body and a fresh buffer: other threads run meanwhile. */
+        Py_BEGIN_ALLOW_THREADS
+        n = parse(text + offset, end, ids, &after);
+        Py_END_ALLOW_THREADS
+    } else {
+        n = parse(text + offset, end, ids, &after);
+    }
     if (n < 0 || (whole && skip_ws(after, end) != end)) {
         Py_DECREF(out);
         PyErr_SetString(PyExc_ValueError, "not a plain JSON array of u32 ints");

@@ -166,6 +166,30 @@ def test_long_arrays_mutated_anywhere_read_as_msgspec_reads_them(
     )
 
 
+def test_parses_from_several_threads_equal_the_serial_parse() -> None:
+    """Long arrays parse with the GIL released: threads parsing at once each get their own."""
+    import threading
+
+    bodies = [json.dumps(list(range(n * 7, n * 7 + 3000))).encode() for n in range(6)]
+    expected = [_token_json.u32_array(b) for b in bodies]
+    assert len(bodies[0]) > 4096  # over the no-GIL threshold
+    wrong: list[int] = []
+
+    def worker(offset: int) -> None:
+        for n in range(60):
+            which = (offset + n) % len(bodies)
+            if _token_json.u32_array(bodies[which]) != expected[which]:
+                wrong.append(which)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not wrong
+    assert np.frombuffer(expected[1], dtype=np.uint32).tolist() == list(range(7, 3007))
+
+
 def test_refused_spellings_go_to_msgspec() -> None:
     cut = b"[" + b", ".join(b"12345" for _ in range(16))  # long enough to be cut in four
     for text in (
