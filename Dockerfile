@@ -14,9 +14,9 @@ RUN apt-get update \
 WORKDIR /src
 # The build context is filtered by .dockerignore (no .git, .venv, tests, local builds).
 COPY . .
-# The project's wheel and every dependency of the extras the service needs, so the runtime
-# stage installs offline and compiles nothing.
-RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[service,redis,hf]"
+# The project's wheel and every dependency of the extras the service can use (k8s: pod
+# discovery; otel: tracing), so the runtime stage installs offline and compiles nothing.
+RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[service,redis,hf,k8s,otel]"
 
 FROM ${PYTHON_IMAGE} AS runtime
 # Pods run with a read-only root filesystem and a writable /tmp: caches go there.
@@ -30,7 +30,7 @@ RUN groupadd --system --gid 10001 kvcache \
        --shell /usr/sbin/nologin kvcache
 # Bind-mount the wheels instead of copying them: they never become a layer of this image.
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
-    pip install --no-index --find-links /wheels "kvcache[service,redis,hf]"
+    pip install --no-index --find-links /wheels "kvcache[service,redis,hf,k8s,otel]"
 USER 10001:10001
 WORKDIR /home/kvcache
 # HTTP API (http.port) and the ZMQ SUB socket engines publish to (events.zmq_bind).

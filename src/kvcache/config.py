@@ -111,8 +111,10 @@ class EventsConfig(_Section, frozen=True):
     """ZMQ topic prefix to subscribe to; "" takes every topic (vLLM's default topic is "")."""
     shards: PositiveInt = 1
     """Ingest workers; each pod is always applied by the same one, in arrival order. One is
-    fastest in CPython (measured: two shards ingest 2.2x slower, as they contend for the GIL);
-    more only isolate pods from each other's bursts."""
+    fastest in CPython (measured: two shards ingest 1.1-2.2x slower, as they contend for the
+    GIL); more only isolate pods from each other's bursts. With one shard and an in-process
+    index, `kvcache serve` reads the events on its HTTP event loop; more shards keep a receive
+    thread."""
     queue_size: PositiveInt = 10_000
     """Messages buffered per shard; beyond it messages are dropped, counted and seen as a gap."""
     dp_rank_in_pod_id: bool = False

@@ -1,15 +1,15 @@
 """Scoring before ingest: a gate that pauses bulk ingest while a latency-critical read runs.
 
-On CPython the ingest thread and the scoring threads share one GIL. An ingest thread that
-releases the GIL often (every ZMQ receive) and takes it straight back keeps a waiting scoring
-thread from ever asking for a switch: measured, `score_tokens` p99 went from 0.8 ms idle to
-500 ms under full-rate ingest. Readers mark themselves active; the ingest loop, between two
-messages, waits (GIL released) until no read is active, for at most ``max_wait`` seconds, so
-ingest still progresses under a constant stream of reads. The engine's socket buffers what
-arrives meanwhile. After a wait that ran out, ingest applies ``burst`` messages without
-yielding, so a saturated reader cannot stop ingest either (at 100% scoring duty, ingest keeps
-~15% of its rate).
-"""
+On CPython an ingest thread and the scoring threads share one GIL (when `kvcache serve` reads
+events on its HTTP event loop, the gate is off: ingest and requests already take turns there).
+An ingest thread that releases the GIL often (every ZMQ receive) and takes it straight back
+keeps a waiting scoring thread from ever asking for a switch: measured, `score_tokens` p99 went
+from 0.8 ms idle to 500 ms under full-rate ingest. Readers mark themselves active; the ingest
+loop, between two messages, waits (GIL released) until no read is active, for at most
+``max_wait`` seconds, so ingest still progresses under a constant stream of reads. The engine's
+socket buffers what arrives meanwhile. After a wait that ran out, ingest applies ``burst``
+messages without yielding, so a saturated reader cannot stop ingest either (at 100% scoring
+duty, ingest keeps ~15% of its rate)."""
 
 from __future__ import annotations
 

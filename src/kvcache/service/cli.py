@@ -184,7 +184,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="ENDPOINT",
-        help="engine PUB endpoint to dial (repeatable); disables the default bind",
+        help="engine PUB endpoint to dial (repeatable); binds nothing (not even an"
+        " events.zmq_bind from the config or environment) unless --zmq-endpoint is given",
     )
     parser.add_argument(
         "--index",

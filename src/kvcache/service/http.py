@@ -231,7 +231,12 @@ class HttpApp:
         request, token_ids = _decode_score_tokens(await self._body(scope, receive))
         self._check_tokens(token_ids, validated=True)
         self._check_pods(request.pods)
-        detail = await self._score(token_ids, request.model, request.pods, request.lora)
+        lora, extra = None, None
+        if request.lora is not None:
+            # vLLM >= 0.31 hashes the adapter's path too: it comes from the adapter config
+            # (tokenization.lora_adapters), as for gRPC and the text endpoints.
+            lora, extra = self.indexer.text.extras(request.model, lora=request.lora)
+        detail = await self._score(token_ids, request.model, request.pods, lora, extra)
         return _scored(detail, request.pods, request.model)
 
     async def _score_completions(self, scope: Scope, receive: Receive) -> Response:

@@ -109,7 +109,10 @@ def test_runtime_stage_installs_prebuilt_wheels_with_existing_extras(stages: lis
     assert "--no-index" in install
     requirement = next(word for word in shlex.split(install) if word.startswith("kvcache["))
     extras = set(requirement.removeprefix("kvcache[").removesuffix("]").split(","))
-    assert extras == {"service", "redis", "hf"}
+    # Every feature a manifest can switch on: pod discovery needs k8s, tracing otel.
+    assert extras == {"service", "redis", "hf", "k8s", "otel"}
+    builder = " ".join(stages[0].arguments("RUN"))
+    assert ".[service,redis,hf,k8s,otel]" in builder  # the wheels the runtime installs
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
     assert extras <= set(pyproject["project"]["optional-dependencies"])
 

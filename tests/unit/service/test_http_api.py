@@ -511,3 +511,28 @@ def test_pod_routes_without_an_inspector_are_501(app: HttpApp) -> None:
     reply = call(app, "GET", "/pods")
     assert reply.status == 501
     assert "not configured" in reply.json()["error"]
+
+
+def test_score_tokens_lora_takes_the_adapter_path_from_the_config() -> None:
+    """vLLM >= 0.31 hashes ('lora', name, path): the path comes from tokenization.lora_adapters,
+    and the keys scored are those of the adapter, not of the base model."""
+    config = Config.from_mapping(
+        {"tokenization": {"lora_adapters": {"x": {"base_model": "m", "path": "/adapters/x"}}}}
+    )
+    indexer = Indexer(config)
+    app = HttpApp(indexer, CollectorRegistry())
+    tokens = list(range(64))
+    lora, extras = indexer.text.extras("m", lora="x")
+    assert extras is not None and extras.lora_path == "/adapters/x"
+    keys = indexer.block_keys(tokens, "m", lora=lora, extra=extras)
+    assert keys != indexer.block_keys(tokens, "m")  # the adapter's keys differ from the base's
+    indexer.index.add(None, keys, [PodEntry("pod-a", "gpu")])
+    reply = call(app, "POST", "/score_tokens", {"token_ids": tokens, "model": "m", "lora": "x"})
+    assert reply.status == 200, reply.body
+    assert reply.json()["scores"] == {"pod-a": 4.0}
+    assert (
+        call(app, "POST", "/score_tokens", {"token_ids": tokens, "model": "m"}).json()["scores"]
+        == {}
+    )
+    unknown = call(app, "POST", "/score_tokens", {"token_ids": tokens, "model": "m", "lora": "y"})
+    assert unknown.status == 400 and "lora" in unknown.json()["error"]
