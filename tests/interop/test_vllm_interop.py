@@ -33,6 +33,7 @@ the next prediction asserts that nothing arrived in between.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -57,6 +58,7 @@ from kvcache.events.apply import HashMode
 from kvcache.events.pipeline import IngestPipeline, shard_of
 from kvcache.events.subscriber import Subscriber
 from kvcache.indexer import Indexer
+from kvcache.service.app import new_event_loop
 from kvcache.tokenization.chat import ChatRequest
 
 HERE = Path(__file__).resolve().parent
@@ -86,11 +88,14 @@ class Setup:
     pythonhashseed: str | None  # None: unset in the engine's environment
     scheme: str
     seed: str | None
+    on_loop: bool = False
+    """Ingest as `kvcache serve` runs it (one inline shard, the socket read on an event loop);
+    otherwise a receive thread feeding two queued shards. Each path meets a real vLLM."""
 
 
 SETUPS = [
     Setup("sha256-default", "default", None, "sha256", None),
-    Setup("sha256_cbor-seed42", "sha256_cbor", "42", "sha256_cbor", "42"),
+    Setup("sha256_cbor-seed42", "sha256_cbor", "42", "sha256_cbor", "42", on_loop=True),
 ]
 
 
@@ -360,9 +365,12 @@ class Kvcache:
             }
         )
         self.indexer = Indexer(config)
+        self.on_loop = setup.on_loop
         self.pipeline = IngestPipeline(
-            self.indexer.index, self.indexer.scheme, shards=2, queue_size=10_000
+            self.indexer.index, self.indexer.scheme, shards=1 if self.on_loop else 2
         )
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: threading.Thread | None = None
         self.frames: list[list[bytes]] = []
         self.delivered = 0
         self.absorbed = 0
@@ -379,11 +387,35 @@ class Kvcache:
 
     def start(self) -> str:
         self.pipeline.start()
-        self.subscriber.start()
+        if not self.on_loop:
+            self.subscriber.start()
+            return self.subscriber.bound[0]
+        started: queue.Queue[BaseException | None] = queue.Queue()
+
+        def run() -> None:  # the service's loop, on a thread of its own (this one polls)
+            self._loop = loop = new_event_loop()
+            try:
+                self.subscriber.start(loop=loop)
+            except BaseException as exc:
+                started.put(exc)
+                return
+            started.put(None)
+            loop.run_forever()
+
+        self._loop_thread = threading.Thread(target=run, name="interop-loop", daemon=True)
+        self._loop_thread.start()
+        error = started.get(timeout=30)
+        if error is not None:
+            raise error
         return self.subscriber.bound[0]
 
     def stop(self) -> None:
         self.subscriber.stop()
+        loop, thread = self._loop, self._loop_thread
+        if loop is not None and thread is not None:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(10)
+            loop.close()
         self.pipeline.stop()
 
     def wait_ingested(self) -> tuple[list[list[str]], float]:
@@ -573,6 +605,7 @@ def test_kvcache_predicts_real_vllm_prefix_hits_exactly(
         "vllm": f"{ready['vllm_version']} hash={ready['prefix_caching_hash_algo']} "
         f"PYTHONHASHSEED={setup.pythonhashseed or 'unset'}",
         "kvcache": f"scheme={setup.scheme} seed={setup.seed}",
+        "ingest": "event loop, inline" if setup.on_loop else "receive thread, 2 shards",
         "requests": len(requests),
         "messages": len(kvcache.frames),
         "events": dict(oracle.events),
