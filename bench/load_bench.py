@@ -16,12 +16,16 @@ ones with the publisher quiet, to separate HTTP cost from ingest interference):
 * ``kvcache``: ``POST /score_tokens`` ``{"token_ids": [8192 ids], "model": ...}``;
 * ``dynamo``: ``POST /query`` ``{"token_ids": [8192 ids], "model_name": ...}`` (Dynamo hashes the
   token ids itself: per-block xxh3 in Rust, unchained, where kvcache computes vLLM's chained
-  sha256_cbor keys, which alone take about twice Dynamo's whole answer).
+  sha256_cbor keys);
+* ``*_wrk``: the same c1 windows driven by wrk (bench/wrk.py) instead of this module's client;
+* ``*_pinned``: idle c1 windows with the client and both servers on one core, which removes the
+  scheduler's placement noise (a 58 KB request costs ~0.015 ms on one core, ~0.1 ms across two,
+  and which one a window gets varies): each side's CPU work per request, compared.
 
 The client is this module's own: raw sockets, HTTP/1.1 keep-alive, request bytes built once, one
 closed-loop connection per thread (``c1``: one connection, for latency; ``c4``: four, for
-throughput). wrk is not installed on the bench machine and a Python client keeps the harness
-self-contained; client time is inside every HTTP figure, equally for both services. An answer
+throughput); wrk windows cross-check it (both give the same p50 on this machine). Client time
+is inside every HTTP figure, equally for both services. An answer
 counts as an error unless it is a 200 whose scores name the prompt's expected winner with all of
 its blocks. Windows rotate through the conditions once per repeat; figures are medians over
 repeats and ratios are taken within a repeat.
@@ -455,6 +459,34 @@ def _in_process(
     return window
 
 
+def _pinned(measure: Measure, servers: Sequence[Server]) -> Measure:
+    """``measure`` with this thread (so the client threads it starts) and every thread of
+    ``servers`` on one core, then everything back where it was."""
+
+    def run() -> LoadResult:
+        core = {min(os.sched_getaffinity(0))}
+        tasks = [
+            int(task)
+            for server in servers
+            for task in os.listdir(f"/proc/{server.process.pid}/task")
+        ]
+        saved = {task: os.sched_getaffinity(task) for task in tasks}
+        mine = os.sched_getaffinity(0)
+        try:
+            for task in tasks:
+                with contextlib.suppress(OSError):  # a thread that ended meanwhile
+                    os.sched_setaffinity(task, core)
+            os.sched_setaffinity(0, core)
+            return measure()
+        finally:
+            os.sched_setaffinity(0, mine)
+            for task, cpus in saved.items():
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(task, cpus)
+
+    return run
+
+
 @dataclasses.dataclass
 class _WrkWindow:
     figures_: dict[str, Any]
@@ -629,6 +661,17 @@ def _measure(  # noqa: PLR0917 (private; one call site)
                 json.dumps({"token_ids": t, "model_name": MODEL}).encode() for t in prompts
             ]
             conditions["dynamo_c1_wrk"] = (_wrk(dynamo.port, "/query", dyn_bodies, window), True)
+    if hasattr(os, "sched_setaffinity") and dynamo is not None:
+        # Idle, the client and both servers on one core: no cross-core hand-off and none of
+        # the scheduler's placement noise, only each side's CPU work per request.
+        conditions["kvcache_c1_pinned"] = (
+            _pinned(http(kvcache.port, kv_requests, kvcache_check, 1), [kvcache, dynamo]),
+            False,
+        )
+        conditions["dynamo_c1_pinned"] = (
+            _pinned(http(dynamo.port, dyn_requests, dynamo_check, 1), [kvcache, dynamo]),
+            False,
+        )
     # Warm both servers and this process's code paths up (not recorded).
     load(kvcache.port, kv_requests, kvcache_check, connections=1, seconds=0.3)
     if dynamo is not None:
@@ -721,6 +764,7 @@ def _summary(
         "http_overhead_ms": _overhead(windows["kvcache_c1"], windows["in_process"]),
         "http_overhead_over_in_process": None if over_in_process is None else over_in_process - 1.0,
         "wrk_kvcache_p50_over_dynamo": ratio("kvcache_c1_wrk", "dynamo_c1_wrk"),
+        "pinned_kvcache_p50_over_dynamo": ratio("kvcache_c1_pinned", "dynamo_c1_pinned"),
         "wrk_http_p50_over_in_process": ratio("kvcache_c1_wrk", "in_process"),
         "errors": sum(c["errors"] for c in conditions.values()),
         "kvcache_pods_identity": sum(p["hash_mode"] == "identity" for p in pods),

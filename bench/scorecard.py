@@ -330,6 +330,15 @@ def _load_rows(load: dict[str, Any] | None) -> list[tuple[str, str, str]]:
                 f"kvcache p50 takes {x(load.get('wrk_kvcache_p50_over_dynamo'))} this",
             )
         )
+    if "dynamo_c1_pinned" in cond:  # idle, client and servers on one core
+        rows += [
+            ("HTTP /score_tokens 8k p50 / p99, idle, one core", ms("kvcache_c1_pinned"), ""),
+            (
+                "Dynamo /query 8k p50 / p99, idle, one core",
+                ms("dynamo_c1_pinned"),
+                f"kvcache p50 takes {x(load.get('pinned_kvcache_p50_over_dynamo'))} this",
+            ),
+        ]
     return rows
 
 
@@ -501,6 +510,19 @@ def _load_checks(load: dict[str, Any]) -> list[Check]:
                 )
             ]
             if load.get("wrk_kvcache_p50_over_dynamo") is not None
+            else []
+        ),
+        *(
+            [
+                _check(
+                    "load",
+                    "the same, idle, client and servers pinned to one core",
+                    load["pinned_kvcache_p50_over_dynamo"],
+                    ("<", 1.0),
+                    _x,
+                )
+            ]
+            if load.get("pinned_kvcache_p50_over_dynamo") is not None
             else []
         ),
         _check("load", "HTTP errors", load.get("errors"), ("==", 0), lambda v: f"{v:.0f}"),
