@@ -198,7 +198,8 @@ class Indexer:
     ) -> ScoreDetail:
         if not detailed:
             return ScoreDetail(scores, {}, blocks)
-        counts = self._block_counter.score_runs(runs)
+        # The second pass only when a tier weighs other than 1.0 (e.g. a block held on cpu).
+        counts = scores if self.scorer.counts_blocks(runs) else self._block_counter.score_runs(runs)
         return ScoreDetail(scores, {pod: round(n) for pod, n in counts.items()}, blocks)
 
     def _traced(  # noqa: PLR0917 (private; mirrors the public signatures)

@@ -83,6 +83,11 @@ class LongestPrefixScorer:
                 previous = entries
         return self.score_runs(runs)
 
+    def counts_blocks(self, runs: Sequence[tuple[Collection[PodEntry], int]]) -> bool:
+        """Whether `score_runs` of ``runs`` is each pod's plain block count: every pod's best
+        tier weighs 1.0 in every run (the usual gpu-only case), so one pass serves both."""
+        return all(self._profile(entries).uniform == 1.0 for entries, _ in runs)
+
     def score_runs(self, runs: Sequence[tuple[Collection[PodEntry], int]]) -> dict[str, float]:
         """Score a run-length encoded lookup (`Index.lookup_runs`): (entries, blocks) per run."""
         if not runs:

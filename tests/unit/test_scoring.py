@@ -82,3 +82,14 @@ def test_normalize_min_max_and_candidates() -> None:
     assert normalize_scores({"a": 2.0, "b": 2.0}) == {"a": 1.0, "b": 1.0}
     assert normalize_scores({"a": 3.0}, candidates=["a", "z"]) == {"a": 1.0, "z": 0.0}
     assert normalize_scores({}, candidates=["x"]) == {"x": 0.0}
+
+
+def test_counts_blocks_only_when_every_best_tier_weighs_one() -> None:
+    scorer = LongestPrefixScorer({"gpu": 1.0, "cpu": 0.5})
+    gpu_only = [(frozenset({A_GPU, B_GPU}), 3), (frozenset({A_GPU}), 2)]
+    assert scorer.counts_blocks(gpu_only)
+    assert scorer.score_runs(gpu_only) == {"A": 5.0, "B": 3.0}  # the block counts themselves
+    # A block A holds on gpu and cpu still weighs 1.0 for A; one B holds on cpu only does not.
+    assert scorer.counts_blocks([(frozenset({A_GPU, A_CPU}), 2)])
+    assert not scorer.counts_blocks([(frozenset({A_GPU, PodEntry("B", "cpu")}), 2)])
+    assert scorer.counts_blocks([])
