@@ -48,7 +48,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 import zmq
 
@@ -176,7 +176,15 @@ class LoadResult:
 
 Check = Callable[[int, int, bytes], str | None]
 """(prompt number, status, body) -> None when the answer is right, else what is wrong."""
-Measure = Callable[[], LoadResult]
+
+
+class Window(Protocol):
+    """One measured window: the Python client's `LoadResult`, or wrk's."""
+
+    def figures(self) -> dict[str, Any]: ...
+
+
+Measure = Callable[[], Window]
 
 
 def load(
@@ -463,7 +471,7 @@ def _pinned(measure: Measure, servers: Sequence[Server]) -> Measure:
     """``measure`` with this thread (so the client threads it starts) and every thread of
     ``servers`` on one core, then everything back where it was."""
 
-    def run() -> LoadResult:
+    def run() -> Window:
         core = {min(os.sched_getaffinity(0))}
         tasks = [
             int(task)
@@ -504,7 +512,7 @@ def _wrk(port: int, path: str, bodies: list[bytes], seconds: float) -> Measure:
         base = {"p50_ms": None, "p99_ms": None, "throughput_rps": 0.0, "requests": 0}
         return _WrkWindow({**base, "errors": 1 if error else 0, **figures, "first_error": error})
 
-    return measure  # type: ignore[return-value]  # duck-typed: only .figures() is used
+    return measure
 
 
 def _metric(server: Server, name: str) -> float:
@@ -624,14 +632,10 @@ def _measure(  # noqa: PLR0917 (private; one call site)
     dynamo: Server | None,
 ) -> dict[str, Any]:
     rounds = _wait_ready(publisher, scored, kvcache, dynamo)
-    kv_requests = [
-        http_request("POST", "/score_tokens", json.dumps({"token_ids": t, "model": MODEL}).encode())
-        for t in prompts
-    ]
-    dyn_requests = [
-        http_request("POST", "/query", json.dumps({"token_ids": t, "model_name": MODEL}).encode())
-        for t in prompts
-    ]
+    kv_bodies = [json.dumps({"token_ids": t, "model": MODEL}).encode() for t in prompts]
+    dyn_bodies = [json.dumps({"token_ids": t, "model_name": MODEL}).encode() for t in prompts]
+    kv_requests = [http_request("POST", "/score_tokens", body) for body in kv_bodies]
+    dyn_requests = [http_request("POST", "/query", body) for body in dyn_bodies]
     in_process = _in_process(prompts, scored.keys, sizes.window_s)
     window = sizes.window_s
 
@@ -651,15 +655,11 @@ def _measure(  # noqa: PLR0917 (private; one call site)
         conditions["dynamo_c4"] = (http(dynamo.port, dyn_requests, dynamo_check, 4), True)
         conditions["dynamo_c1_idle"] = (http(dynamo.port, dyn_requests, dynamo_check, 1), False)
     if wrk.command() is not None:  # the same c1 windows from a C client (bench/wrk.py)
-        kv_bodies = [json.dumps({"token_ids": t, "model": MODEL}).encode() for t in prompts]
         conditions["kvcache_c1_wrk"] = (
             _wrk(kvcache.port, "/score_tokens", kv_bodies, window),
             True,
         )
         if dynamo is not None:
-            dyn_bodies = [
-                json.dumps({"token_ids": t, "model_name": MODEL}).encode() for t in prompts
-            ]
             conditions["dynamo_c1_wrk"] = (_wrk(dynamo.port, "/query", dyn_bodies, window), True)
     if hasattr(os, "sched_setaffinity") and dynamo is not None:
         # Idle, the client and both servers on one core: no cross-core hand-off and none of

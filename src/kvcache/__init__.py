@@ -27,9 +27,9 @@ from kvcache.routing import (
     PodCost,
     PodLoad,
     Router,
-    scrape_vllm_metrics,
 )
 from kvcache.scoring import LongestPrefixScorer, normalize_scores
+from kvcache.vllm_metrics import scrape_vllm_metrics
 
 __version__ = "0.1.0"
 

@@ -33,7 +33,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
-from typing import Annotated, Any, TypedDict
+from typing import Annotated, Any
 
 import msgspec
 
@@ -41,6 +41,7 @@ from kvcache.blocks import GPU, KeyType, PodEntry
 from kvcache.errors import ConfigError, KVCacheError
 from kvcache.hashing import RequestExtras
 from kvcache.indexer import Indexer
+from kvcache.inflight import INFLIGHT_IDLE_S, Picks
 
 log = logging.getLogger("kvcache.routing")
 
@@ -50,9 +51,6 @@ NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
 
 # vLLM's /metrics names (docs.vllm.ai "Production Metrics"); the KV usage gauge was renamed
 # from gpu_cache_usage_perc to kv_cache_usage_perc in the v1 engine. Both are fractions 0..1.
-WAITING_METRIC = "vllm:num_requests_waiting"
-RUNNING_METRIC = "vllm:num_requests_running"
-KV_USAGE_METRICS = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
 """Preferred first: a vLLM that exports both during the deprecation reports the same value."""
 
 
@@ -340,14 +338,6 @@ class Decision(msgspec.Struct, frozen=True):
         return "\n".join([head, *(cost.explain() for cost in self.ranked)])
 
 
-class VllmLoad(TypedDict):
-    """The `PodLoad` fields read from a vLLM /metrics page: ``PodLoad(pod, **load)``."""
-
-    waiting: int
-    running: int
-    kv_usage: float
-
-
 class Router:
     """Ranks pods by predicted TTFT and picks one, crediting it speculatively.
 
@@ -360,7 +350,7 @@ class Router:
     the load carries them). A newer snapshot of the pod forgets the picks it already shows.
     Between two scrapes every decision would otherwise see the same numbers and send a whole
     burst to the pod that looked least loaded. Several Routers in front of the same pods each
-    count only their own picks. At most ``MAX_INFLIGHT`` picks per pod are remembered.
+    count only their own picks. At most ``kvcache.inflight.MAX_INFLIGHT`` picks per pod are kept.
     """
 
     def __init__(
@@ -384,7 +374,7 @@ class Router:
         self._pending: collections.deque[tuple[float, str, tuple[int, ...]]] = collections.deque()
         # pod -> (pick time, predicted uncached tokens) of the picks made since the newest
         # snapshot of the pod this Router saw; pod -> that snapshot's time.
-        self._inflight: dict[str, _Picks] = {}
+        self._inflight: dict[str, Picks] = {}
         self._decisions = 0
         self._credited = 0
         self._expired = 0
@@ -431,7 +421,7 @@ class Router:
             if ranked[0].load.scraped_at is not None:
                 picks = self._inflight.get(chosen)
                 if picks is None:
-                    picks = self._inflight[chosen] = _Picks()
+                    picks = self._inflight[chosen] = Picks()
                 picks.add(self._clock(), ranked[0].uncached_tokens)
         return Decision(chosen, ranked, len(token_ids), len(keys), credited, fleet)
 
@@ -493,7 +483,7 @@ class Router:
                 )
             picks = self._inflight.get(load.pod)
             if picks is None:
-                picks = self._inflight[load.pod] = _Picks()
+                picks = self._inflight[load.pod] = Picks()
             count, tokens = picks.since(load.scraped_at, now)
         if not count:
             return load, 0
@@ -606,57 +596,6 @@ class Router:
         return len(unique)
 
 
-MAX_INFLIGHT = 65_536
-"""Picks remembered per pod between two of its snapshots (a bound for a pod whose scrapes
-stopped: beyond it the oldest are forgotten and its queue is underestimated)."""
-
-INFLIGHT_IDLE_S = 300.0
-"""A pod with neither a pick nor a snapshot for this long (on the Router's clock) is forgotten
-by the in-flight accounting (`Router.expire`): pods that left the fleet do not accumulate."""
-
-
-class _Picks:
-    """One pod's picks since its newest snapshot, oldest first, with their predicted tokens.
-
-    The caller holds the Router's lock. With snapshots in time order (the usual case) a load is
-    adjusted in O(picks its snapshot retires), not O(picks kept).
-    """
-
-    __slots__ = ("picks", "snapshot_at", "tokens", "touched")
-
-    def __init__(self) -> None:
-        self.picks: collections.deque[tuple[float, int]] = collections.deque()
-        self.tokens = 0  # the picks' predicted uncached tokens, summed
-        self.snapshot_at = -math.inf
-        self.touched = -math.inf
-
-    def add(self, at: float, tokens: int) -> None:
-        if len(self.picks) >= MAX_INFLIGHT:
-            self.tokens -= self.picks.popleft()[1]
-        self.picks.append((at, tokens))
-        self.tokens += tokens
-        self.touched = at
-
-    def since(self, scraped_at: float, now: float) -> tuple[int, int]:
-        """The picks at or after ``scraped_at`` and their tokens; a newer snapshot first retires
-        the picks before it (its numbers show them)."""
-        self.touched = now
-        picks = self.picks
-        if scraped_at > self.snapshot_at:
-            self.snapshot_at = scraped_at
-            while picks and picks[0][0] < scraped_at:
-                self.tokens -= picks.popleft()[1]
-            return len(picks), self.tokens
-        # An older snapshot than the newest seen (out of order): count from the newest back.
-        count = tokens = 0
-        for at, predicted in reversed(picks):
-            if at < scraped_at:
-                break
-            count += 1
-            tokens += predicted
-        return count, tokens
-
-
 MAX_USAGE = 0.99
 """`kv_usage` is capped here in the pressure term: a full pool costs 99x the prefill, not inf."""
 
@@ -691,52 +630,3 @@ def _held_blocks(
             tally = gpu if on_gpu[pod] else cpu
             tally[pod] = tally.get(pod, 0) + length
     return {pod: (gpu.get(pod, 0), cpu.get(pod, 0)) for pod in gpu.keys() | cpu.keys()}
-
-
-def scrape_vllm_metrics(
-    text: str, *, model_name: str | None = None, engine: str | None = None
-) -> VllmLoad:
-    """The load fields of a vLLM ``/metrics`` page (Prometheus text): ``PodLoad(pod, **load)``.
-
-    Reads ``vllm:num_requests_waiting``, ``vllm:num_requests_running`` and
-    ``vllm:kv_cache_usage_perc`` (or, from older vLLM, ``vllm:gpu_cache_usage_perc``). Samples
-    may carry ``model_name`` and ``engine`` labels (one per data-parallel engine of the server);
-    ``model_name``/``engine`` select one, otherwise queues are summed and the KV usage is the
-    highest (the fullest engine saturates first). Needs ``prometheus-client`` (kvcache[service]).
-    Raises ValueError when the text is not Prometheus exposition or lacks one of the metrics.
-    """
-    from prometheus_client.parser import text_string_to_metric_families
-
-    wanted = {WAITING_METRIC, RUNNING_METRIC, *KV_USAGE_METRICS}
-    values: dict[str, list[float]] = {name: [] for name in wanted}
-    try:
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name not in wanted:
-                    continue
-                labels = sample.labels
-                if model_name is not None and labels.get("model_name") != model_name:
-                    continue
-                if engine is not None and labels.get("engine") != engine:
-                    continue
-                values[sample.name].append(float(sample.value))
-    except (ValueError, IndexError, KeyError, TypeError) as exc:
-        raise ValueError(f"not a Prometheus text exposition: {exc}") from exc
-    usage_name = next((name for name in KV_USAGE_METRICS if values[name]), None)
-    missing = [name for name in (WAITING_METRIC, RUNNING_METRIC) if not values[name]]
-    if usage_name is None:
-        missing.append(" or ".join(KV_USAGE_METRICS))
-    if missing:
-        selector = "" if model_name is None and engine is None else " for the selected labels"
-        raise ValueError(f"vLLM metrics missing{selector}: {', '.join(missing)}")
-    assert usage_name is not None
-    for name in (WAITING_METRIC, RUNNING_METRIC, usage_name):
-        bad = [v for v in values[name] if not (math.isfinite(v) and v >= 0.0)]
-        if bad:
-            raise ValueError(f"{name}: expected finite values >= 0, got {bad[0]}")
-    return VllmLoad(
-        waiting=round(sum(values[WAITING_METRIC])),
-        running=round(sum(values[RUNNING_METRIC])),
-        # Float noise of vLLM's 1 - free/total may step just past 1.
-        kv_usage=min(1.0, max(values[usage_name])),
-    )

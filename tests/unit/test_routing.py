@@ -23,7 +23,7 @@ from kvcache import (
 )
 from kvcache.errors import ConfigError
 from kvcache.index.memory import MemoryIndex
-from kvcache.routing import INFLIGHT_IDLE_S
+from kvcache.inflight import INFLIGHT_IDLE_S
 
 BLOCK = 16  # the default scheme's block size
 PROMPT = list(range(1000, 1100))  # 100 tokens: 6 full blocks, 4 tokens in a partial block

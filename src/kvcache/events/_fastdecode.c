@@ -501,6 +501,15 @@ static int get_payload(PyObject *arg, Py_buffer *view) {
     return -1;
 }
 
+/* The batch's head: a 2- or 3-array (the third item is the dp rank, see finish_batch), its
+ * timestamp, and the event array's header (``count`` events, each at least a byte). */
+static int read_batch_head(Cur *c, uint64_t *top, double *ts, uint64_t *count) {
+    if (read_array(c, top) < 0 || *top < 2 || *top > 3) return -1;
+    if (read_float(c, ts) < 0) return -1;
+    if (read_array(c, count) < 0 || *count > left(c)) return -1;
+    return 0;
+}
+
 /* After the events: the optional rank (into *rank, None when absent or nil), no trailing
  * bytes (msgspec refuses those), and the `copied` events at `out` made a msgpack array (or
  * *others None when there are none). Returns 0, -1 (refuse) or -2 (exception set). */
@@ -573,9 +582,7 @@ static PyObject *f_scan(PyObject *self, PyObject *args) {
     double ts;
     int rc;
 
-    if (read_array(&c, &top) < 0 || top < 2 || top > 3) goto refuse;
-    if (read_float(&c, &ts) < 0) goto refuse;
-    if (read_array(&c, &count) < 0 || count > left(&c)) goto refuse;
+    if (read_batch_head(&c, &top, &ts, &count) < 0) goto refuse;
     items = PyList_New(0);
     /* The copies never outgrow the payload: an array32 header, then events at most as long
        as the originals (token_ids only shrink). */
@@ -795,9 +802,7 @@ static PyObject *f_scan_runs(PyObject *self, PyObject *arg) {
     double ts;
     int rc;
 
-    if (read_array(&c, &top) < 0 || top < 2 || top > 3) goto refuse;
-    if (read_float(&c, &ts) < 0) goto refuse;
-    if (read_array(&c, &count) < 0 || count > left(&c)) goto refuse;
+    if (read_batch_head(&c, &top, &ts, &count) < 0) goto refuse;
     ops = PyList_New(0);
     others = PyBytes_FromStringAndSize(NULL, view.len + 5); /* copies only shrink */
     if (ops == NULL || others == NULL) goto error;
