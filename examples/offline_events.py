@@ -3,7 +3,8 @@
     .venv/bin/python examples/offline_events.py
 
 Everything runs in this process on loopback: the service (`kvcache.service.app.Service`: ZMQ SUB
-bound on a free port, ingest pipeline, index, and its HTTP app served by uvicorn on a free port),
+bound on a free port, ingest pipeline, index, and its HTTP app served on a free port by the
+server `kvcache serve` uses, on an event loop of its own thread),
 and a "pod" that publishes KV events exactly as vLLM 0.32 does (topic ``kv@<pod>@<model>``, an
 8-byte sequence number, a msgpack batch of map-form events) with block hashes computed by vLLM's
 own algorithm (`kvcache.hashing`). For a real engine instead, see online_vllm.md.
@@ -11,6 +12,7 @@ own algorithm (`kvcache.hashing`). For a real engine instead, see online_vllm.md
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -18,12 +20,12 @@ import urllib.request
 from typing import Any
 
 import msgspec
-import uvicorn
 import zmq
 
 from kvcache import Config
 from kvcache.hashing import VllmScheme
 from kvcache.service.app import Service
+from kvcache.service.http_server import HttpServer
 
 # The engines' hashing flags: --prefix-caching-hash-algo sha256_cbor, PYTHONHASHSEED=42,
 # --block-size 16 (llm-d's deployments). The service is configured to match.
@@ -91,18 +93,14 @@ def main() -> None:
     )
     service = Service(config)
     service.start()
-    server = uvicorn.Server(
-        uvicorn.Config(service.http, port=0, log_level="warning", lifespan="off")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
+    loop = asyncio.new_event_loop()
+    server = HttpServer(service.http, "127.0.0.1", 0)  # 0: a free port
+    loop.run_until_complete(server.start())
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     context: zmq.Context[Any] = zmq.Context()
     try:
-        while not server.started:
-            if not thread.is_alive():
-                raise RuntimeError("the HTTP server did not start")
-            time.sleep(0.01)
-        port = server.servers[0].sockets[0].getsockname()[1]
+        port = server.port
         endpoint = service.subscriber.bound[0]
         print(f"service: HTTP on port {port}, events on {endpoint}")
 
@@ -135,8 +133,10 @@ def main() -> None:
         print("scores:", json.dumps(answer["scores"]))
         print("normalized:", json.dumps(answer["normalized"]))
     finally:
-        server.should_exit = True
+        asyncio.run_coroutine_threadsafe(server.shutdown(), loop).result(10.0)
+        loop.call_soon_threadsafe(loop.stop)
         thread.join(5.0)
+        loop.close()
         service.stop()
         context.destroy(linger=0)
 

@@ -301,8 +301,8 @@ its context as `[pod=... seq=...]`. With `json` it is one JSON object per line:
 ```
 
 `ts` is UTC, `level` is lower case, and every field a log call passes as `extra` (`pod`, `seq`,
-`rank`, ...) is a key of its own; a traceback is in `exc_info`. Records of libraries (uvicorn,
-grpc) and Python warnings go through the same handler.
+`rank`, ...) is a key of its own; a traceback is in `exc_info`. Records of libraries (grpc,
+zmq) and Python warnings go through the same handler.
 """
 
 

@@ -1,8 +1,14 @@
-"""The HTTP API as a plain ASGI application (no framework: the score path stays lean).
+"""The HTTP API: routes over whole requests, served by `kvcache.service.http_server` or,
+as a plain ASGI application, by any ASGI server (no framework: the score path stays lean).
 
 Routes and bodies are described in docs/http-api.md and in the OpenAPI spec
 (`kvcache.service.openapi`, served at /openapi.json). Bad input always gets a 4xx with a message
 naming the field; a 500 means a bug and is logged with its traceback.
+
+A route that never waits (scoring by tokens on an in-process index, probes, pods) answers
+synchronously: `HttpApp.respond` returns the response itself, and the built-in server writes it
+without making a task. Routes that wait (tokenization on the pool, a shared backend, /readyz)
+return an awaitable.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import contextlib
 import hmac
 import logging
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import msgspec
@@ -59,7 +66,10 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 Headers = list[tuple[bytes, bytes]]
 Response = tuple[int, bytes, Headers]
-Handler = Callable[[Scope, Receive], Awaitable[Response]]
+"""Status, body and headers (the server adds Content-Length)."""
+Outcome = Response | Awaitable[Response]
+"""A response, or for a route that waits, an awaitable of one."""
+Handler = Callable[["Request"], Outcome]
 T = TypeVar("T")
 S = TypeVar("S", bound=msgspec.Struct)
 
@@ -67,6 +77,18 @@ MAX_TOKEN_ID = 2**32 - 1
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 """Probes and scrapes never need the bearer token."""
 _TRACE_HEADERS = frozenset(name.encode() for name in TRACE_HEADERS)
+
+
+@dataclass(slots=True)
+class Request:
+    """One request as the routes see it, its body read in full."""
+
+    method: str
+    path: str
+    """Percent-decoded, without the query string."""
+    headers: Headers
+    """Lower-case names, as received."""
+    body: bytes = b""
 
 
 class PodInspector(Protocol):
@@ -144,69 +166,108 @@ class HttpApp:
             "/openapi.json": {"GET": self._openapi_json},
             "/pods": {"GET": self._list_pods},
         }
-        self._pod_routes: dict[str, Callable[[str], Awaitable[Response]]] = {
-            "GET": self._get_pod,
-            "DELETE": self._clear_pod,
-        }
+        self._pod_routes: dict[str, Handler] = {"GET": self._get_pod, "DELETE": self._clear_pod}
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """ASGI entry point."""
-        if scope["type"] != "http":
-            return
-        path: str = scope["path"]  # percent-decoded by the server: "/pods/10.0.0.7:8000"
-        method: str = scope["method"]
+    # -- serving ----------------------------------------------------------------------------------
+
+    def precheck(self, method: str, path: str, headers: Headers) -> Response | None:
+        """What can be refused from the request head alone (bearer token, announced body size),
+        before any body is read; None when the request may go on."""
         try:
             if path not in OPEN_PATHS:
-                self._authorize(scope)
-            if method == "POST":
-                # The whole scoring request (body, JSON, keys, lookup) runs ahead of bulk
-                # ingest, not only the lookup: see kvcache.priority.
-                with self.indexer.read_priority.reading(), self._caller_trace(scope):
-                    status, body, headers = await self._dispatch(path, method, scope, receive)
-            else:
-                status, body, headers = await self._dispatch(path, method, scope, receive)
-        except _ClientGoneError:
-            return
+                self._authorize(headers)
+            limit = self.max_body_bytes
+            for name, value in headers:
+                if name == b"content-length" and value.isdigit() and int(value) > limit:
+                    raise _HttpError(413, f"body larger than {limit} bytes")
         except _HttpError as exc:
-            status, body, headers = exc.status, _encode({"error": str(exc)}), _JSON + exc.headers
-        except Exception:
-            log.exception("internal error on %s %s", method, path)
-            status, body, headers = 500, _encode({"error": "internal server error"}), _JSON
-        # A Content-Length (not chunked transfer): one write, and clients need no chunk parser.
-        headers = [*headers, (b"content-length", str(len(body)).encode())]
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+            return _error(exc)
+        return None
 
-    def _caller_trace(self, scope: Scope) -> contextlib.AbstractContextManager[None]:
+    def respond(self, request: Request) -> Outcome:
+        """The response to a request that passed `precheck`: the response itself when the route
+        never waits, else an awaitable of it. Never raises (a bug is a logged 500)."""
+        try:
+            handler = self._route(request.method, request.path)
+            if request.method == "POST":
+                # The whole scoring request (JSON, keys, lookup) runs ahead of bulk ingest, not
+                # only the lookup: see kvcache.priority.
+                with self.indexer.read_priority.reading(), self._caller_trace(request.headers):
+                    outcome = handler(request)
+            else:
+                outcome = handler(request)
+            if isinstance(outcome, tuple):
+                return outcome
+        except Exception as exc:
+            return self._failure(request, exc)
+        return self._finish(request, outcome)
+
+    async def _finish(self, request: Request, pending: Awaitable[Response]) -> Response:
+        try:
+            if request.method == "POST":
+                with self.indexer.read_priority.reading(), self._caller_trace(request.headers):
+                    return await pending
+            return await pending
+        except Exception as exc:
+            return self._failure(request, exc)
+
+    def _failure(self, request: Request, exc: Exception) -> Response:
+        if isinstance(exc, _HttpError):
+            return _error(exc)
+        log.error("internal error on %s %s", request.method, request.path, exc_info=exc)
+        return 500, _encode({"error": "internal server error"}), _JSON
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """ASGI entry point (the path comes percent-decoded from the server)."""
+        if scope["type"] != "http":
+            return
+        method: str = scope["method"]
+        path: str = scope["path"]
+        headers: Headers = list(scope.get("headers", ()))
+        response = self.precheck(method, path, headers)
+        if response is None:
+            try:
+                body = await self._read_body(receive)
+            except _ClientGoneError:
+                return
+            except _HttpError as exc:
+                response = _error(exc)
+            else:
+                outcome = self.respond(Request(method, path, headers, body))
+                response = outcome if isinstance(outcome, tuple) else await outcome
+        status, payload, extra = response
+        # A Content-Length (not chunked transfer): one write, and clients need no chunk parser.
+        extra = [*extra, (b"content-length", str(len(payload)).encode())]
+        await send({"type": "http.response.start", "status": status, "headers": extra})
+        await send({"type": "http.response.body", "body": payload})
+
+    def _caller_trace(self, headers: Headers) -> contextlib.AbstractContextManager[None]:
         """With tracing on, the caller's W3C trace context (``traceparent`` header) parents the
         score spans; otherwise nothing (and no OpenTelemetry import)."""
         if self.indexer.tracer is None:
             return contextlib.nullcontext()
         carrier = {
             name.decode("latin-1"): value.decode("latin-1")
-            for name, value in scope.get("headers", ())
+            for name, value in headers
             if name in _TRACE_HEADERS
         }
         return remote_parent(carrier)
 
-    async def _dispatch(self, path: str, method: str, scope: Scope, receive: Receive) -> Response:
+    def _route(self, method: str, path: str) -> Handler:
         methods = self._routes.get(path)
-        if methods is not None:
-            handler = methods.get(method)
-            if handler is None:
-                raise _method_not_allowed(method, methods)
-            return await handler(scope, receive)
-        if path.startswith("/pods/") and len(path) > len("/pods/"):
-            pod_handler = self._pod_routes.get(method)
-            if pod_handler is None:
-                raise _method_not_allowed(method, self._pod_routes)
-            return await pod_handler(path[len("/pods/") :])
-        raise _HttpError(404, f"no such endpoint: {path}")
+        if methods is None and path.startswith("/pods/") and len(path) > len("/pods/"):
+            methods = self._pod_routes
+        if methods is None:
+            raise _HttpError(404, f"no such endpoint: {path}")
+        handler = methods.get(method)
+        if handler is None:
+            raise _method_not_allowed(method, methods)
+        return handler
 
-    def _authorize(self, scope: Scope) -> None:
+    def _authorize(self, headers: Headers) -> None:
         if self._token is None:
             return
-        for name, value in scope.get("headers", ()):
+        for name, value in headers:
             if name == b"authorization":
                 scheme, _, credentials = bytes(value).partition(b" ")
                 # compare_digest: the time taken must not tell how much of a guess was right.
@@ -227,8 +288,15 @@ class HttpApp:
 
     # -- scoring --------------------------------------------------------------------------------
 
-    async def _score_tokens(self, scope: Scope, receive: Receive) -> Response:
-        request, token_ids = _decode_score_tokens(await self._body(scope, receive))
+    def _score_tokens(self, request: Request) -> Outcome:
+        if self.offload_scoring:
+            # A shared backend waits on the network (up to its timeout): keep the event loop
+            # free for other requests meanwhile.
+            return asyncio.to_thread(self._score_tokens_now, request.body)
+        return self._score_tokens_now(request.body)
+
+    def _score_tokens_now(self, body: bytes) -> Response:
+        request, token_ids = _decode_score_tokens(body)
         self._check_tokens(token_ids, validated=True)
         self._check_pods(request.pods)
         lora, extra = None, None
@@ -236,31 +304,30 @@ class HttpApp:
             # vLLM >= 0.31 hashes the adapter's path too: it comes from the adapter config
             # (tokenization.lora_adapters), as for gRPC and the text endpoints.
             lora, extra = self.indexer.text.extras(request.model, lora=request.lora)
-        detail = await self._score(token_ids, request.model, request.pods, lora, extra)
+        detail = self._score_now(token_ids, request.model, request.pods, lora, extra)
         return _scored(detail, request.pods, request.model)
 
-    async def _score_completions(self, scope: Scope, receive: Receive) -> Response:
-        request = _decode(await self._body(scope, receive), ScoreCompletionsRequest)
-        if not request.prompt:
+    async def _score_completions(self, request: Request) -> Response:
+        completion = _decode(request.body, ScoreCompletionsRequest)
+        if not completion.prompt:
             raise _HttpError(400, "prompt must not be empty")
-        return await self._score_text("completion", request.openai_body(), request.pods)
+        return await self._score_text("completion", completion.openai_body(), completion.pods)
 
-    async def _score_chat_completions(self, scope: Scope, receive: Receive) -> Response:
-        request = _decode(await self._body(scope, receive), ScoreChatCompletionsRequest)
-        body = request.openai_body()
+    async def _score_chat_completions(self, request: Request) -> Response:
+        chat = _decode(request.body, ScoreChatCompletionsRequest)
+        body = chat.openai_body()
         if not body["messages"]:
             raise _HttpError(400, "messages (or conversation) must be a non-empty list")
-        return await self._score_text("chat", body, request.pods)
+        return await self._score_text("chat", body, chat.pods)
 
-    async def _openai_completions(self, scope: Scope, receive: Receive) -> Response:
-        body = _decode_object(await self._body(scope, receive))
-        request = _convert(body, OpenAICompletionRequest)
-        return await self._score_text("completion", body, request.pods)
+    async def _openai_completions(self, request: Request) -> Response:
+        body = _decode_object(request.body)
+        pods = _convert(body, OpenAICompletionRequest).pods
+        return await self._score_text("completion", body, pods)
 
-    async def _openai_chat(self, scope: Scope, receive: Receive) -> Response:
-        body = _decode_object(await self._body(scope, receive))
-        request = _convert(body, OpenAIChatRequest)
-        return await self._score_text("chat", body, request.pods)
+    async def _openai_chat(self, request: Request) -> Response:
+        body = _decode_object(request.body)
+        return await self._score_text("chat", body, _convert(body, OpenAIChatRequest).pods)
 
     async def _score_text(
         self, kind: str, body: Mapping[str, Any], pods: list[str] | None
@@ -286,10 +353,14 @@ class HttpApp:
         except KVCacheError as exc:  # TokenizationError and friends: the caller's input
             raise _HttpError(400, str(exc)) from None
         self._check_tokens(prompt.token_ids, validated=False)
-        detail = await self._score(prompt.token_ids, prompt.model, pods, prompt.lora, prompt.extras)
+        args = (prompt.token_ids, prompt.model, pods, prompt.lora, prompt.extras)
+        if self.offload_scoring:
+            detail = await asyncio.to_thread(self._score_now, *args)
+        else:
+            detail = self._score_now(*args)
         return _scored(detail, pods, str(body["model"]))
 
-    async def _score(
+    def _score_now(
         self,
         token_ids: TokenIds,
         model: str,
@@ -297,19 +368,11 @@ class HttpApp:
         lora: str | None,
         extra: Any = None,
     ) -> ScoreDetail:
-        def score() -> ScoreDetail:
-            try:
-                return self.indexer.score_tokens_detailed(
-                    token_ids, model, pods, lora=lora, extra=extra
-                )
-            except KVCacheError as exc:  # e.g. extra keys inconsistent with the tokens
-                raise _HttpError(400, str(exc)) from None
-
-        if self.offload_scoring:
-            # A shared backend waits on the network (up to its timeout): keep the event loop
-            # free for other requests meanwhile.
-            return await asyncio.to_thread(score)
-        return score()
+        try:
+            detail = self.indexer.score_tokens_detailed
+            return detail(token_ids, model, pods, lora=lora, extra=extra)
+        except KVCacheError as exc:  # e.g. extra keys inconsistent with the tokens
+            raise _HttpError(400, str(exc)) from None
 
     def _check_tokens(self, token_ids: TokenIds, *, validated: bool) -> None:
         if len(token_ids) > self.max_tokens:
@@ -328,11 +391,11 @@ class HttpApp:
 
     # -- probes, metrics, spec ------------------------------------------------------------------
 
-    async def _healthz(self, scope: Scope, receive: Receive) -> Response:
+    def _healthz(self, request: Request) -> Response:
         ok = self.healthy()
         return 200 if ok else 503, _encode({"status": "ok" if ok else "unhealthy"}), _JSON
 
-    async def _readyz(self, scope: Scope, receive: Receive) -> Response:
+    async def _readyz(self, request: Request) -> Response:
         try:
             # The check may wait on a server (Redis PING): off the loop, with a deadline.
             ok = await asyncio.wait_for(asyncio.to_thread(self.ready), self.ready_timeout)
@@ -343,11 +406,11 @@ class HttpApp:
             ok = False
         return 200 if ok else 503, _encode({"status": "ready" if ok else "not ready"}), _JSON
 
-    async def _metrics(self, scope: Scope, receive: Receive) -> Response:
+    def _metrics(self, request: Request) -> Response:
         content_type = CONTENT_TYPE_LATEST.encode()
         return 200, generate_latest(self.registry), [(b"content-type", content_type)]
 
-    async def _openapi_json(self, scope: Scope, receive: Receive) -> Response:
+    def _openapi_json(self, request: Request) -> Response:
         if self._openapi is None:
             from kvcache.service.openapi import render_spec
 
@@ -361,18 +424,20 @@ class HttpApp:
             raise _HttpError(501, "pod introspection is not configured in this server")
         return self.inspector
 
-    async def _list_pods(self, scope: Scope, receive: Receive) -> Response:
+    def _list_pods(self, request: Request) -> Response:
         states = self._pods().pods()
         pods = sorted((msgspec.convert(s, PodInfo) for s in states), key=lambda p: p.pod)
         return 200, _encode(PodList(pods)), _JSON
 
-    async def _get_pod(self, pod: str) -> Response:
+    def _get_pod(self, request: Request) -> Response:
+        pod = request.path[len("/pods/") :]
         state = self._pods().pod(pod)
         if state is None:
             raise _HttpError(404, f"unknown pod: {pod!r}")
         return 200, _encode(msgspec.convert(state, PodInfo)), _JSON
 
-    async def _clear_pod(self, pod: str) -> Response:
+    async def _clear_pod(self, request: Request) -> Response:
+        pod = request.path[len("/pods/") :]
         inspector = self._pods()
         known = inspector.pod(pod) is not None
         # A shared index may hold the pod even when this replica's ingest never saw it.
@@ -381,12 +446,9 @@ class HttpApp:
             raise _HttpError(404, f"unknown pod: {pod!r}")
         return 200, _encode(ClearResponse(pod, removed)), _JSON
 
-    # -- body -----------------------------------------------------------------------------------
+    # -- body (ASGI) ------------------------------------------------------------------------------
 
-    async def _body(self, scope: Scope, receive: Receive) -> bytes:
-        for name, value in scope.get("headers", ()):
-            if name == b"content-length" and value.isdigit() and int(value) > self.max_body_bytes:
-                raise _HttpError(413, f"body larger than {self.max_body_bytes} bytes")
+    async def _read_body(self, receive: Receive) -> bytes:
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -400,6 +462,10 @@ class HttpApp:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
+
+
+def _error(exc: _HttpError) -> Response:
+    return exc.status, _encode({"error": str(exc)}), _JSON + exc.headers
 
 
 def _scored(detail: ScoreDetail, pods: list[str] | None, model: str) -> Response:

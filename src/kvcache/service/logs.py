@@ -77,7 +77,7 @@ class _ServiceHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
 
 def configure_logging(config: LoggingConfig, stream: TextIO | None = None) -> logging.Handler:
-    """Route every logger (uvicorn's too, when it leaves logging alone) to one stderr handler.
+    """Route every logger (libraries' too, when they leave logging alone) to one stderr handler.
 
     Idempotent: calling it again replaces the handler it installed; other handlers stay.
     """

@@ -57,7 +57,7 @@ def call(
     headers: Sequence[tuple[str, str]] = (),
     chunks: int = 1,
 ) -> Reply:
-    """One request through the ASGI interface, as uvicorn makes it (path already decoded)."""
+    """One request through the ASGI interface, as an ASGI server makes it (path decoded)."""
     raw = json.dumps(body).encode() if isinstance(body, (dict, list)) else (body or b"")
     size = max(1, -(-len(raw) // chunks))
     parts = [raw[i : i + size] for i in range(0, len(raw), size)] or [b""]
