@@ -17,6 +17,9 @@ ones with the publisher quiet, to separate HTTP cost from ingest interference):
 * ``dynamo``: ``POST /query`` ``{"token_ids": [8192 ids], "model_name": ...}`` (Dynamo hashes the
   token ids itself: per-block xxh3 in Rust, unchained, where kvcache computes vLLM's chained
   sha256_cbor keys);
+* ``floor``: the same requests to `bench.null_http`, a server on the same stack that only reads
+  them and answers ``{}``: the transport floor (kernel copies, wake-ups, the client), so that
+  kvcache's p50 minus the floor's is what kvcache itself adds;
 * ``*_wrk``: the same c1 windows driven by wrk (bench/wrk.py) instead of this module's client;
 * ``*_pinned``: idle c1 windows with the client and both servers on one core, which removes the
   scheduler's placement noise (a 58 KB request costs ~0.015 ms on one core, ~0.1 ms across two,
@@ -338,6 +341,11 @@ def kvcache_server(endpoints: Sequence[str]) -> Server:
     return Server("kvcache serve", args, "/healthz")
 
 
+def floor_server() -> Server:
+    """The transport floor (bench/null_http.py): reads each request, answers ``{}``."""
+    return Server("null HTTP server", ["-m", "bench.null_http", "--port", "{port}"], "/healthz")
+
+
 def dynamo_server(workers: Mapping[int, str]) -> Server:
     """``python -m dynamo.indexer --threads 1`` with one worker id per engine endpoint."""
     listing = ",".join(f"{worker}={endpoint}" for worker, endpoint in workers.items())
@@ -416,6 +424,11 @@ def kvcache_check(number: int, status: int, body: bytes) -> str | None:
     if scores.get(scored_pod_id(winner(number))) != float(PROMPT_BLOCKS):
         return f"wrong scores for prompt {number}: {scores}"
     return None
+
+
+def floor_check(number: int, status: int, body: bytes) -> str | None:
+    """The null server's fixed answer."""
+    return None if status == 200 and body == b"{}" else f"status {status}: {body[:200]!r}"
 
 
 def dynamo_check(number: int, status: int, body: bytes) -> str | None:
@@ -558,13 +571,15 @@ def run(quick: bool = False) -> dict[str, Any]:
     try:
         kvcache = kvcache_server([*publisher.endpoints, *scored.endpoints])
         servers.append(kvcache)
+        floor = floor_server()
+        servers.append(floor)
         dynamo: Server | None = None
         if ingest_bench.dynamo_available():
             workers = {n + 1: endpoint for n, endpoint in enumerate(publisher.endpoints)}
             workers |= {SCORED_WORKER_BASE + n: e for n, e in enumerate(scored.endpoints)}
             dynamo = dynamo_server(workers)
             servers.append(dynamo)
-        result = _measure(sizes, publisher, scored, prompts, kvcache, dynamo)
+        result = _measure(sizes, publisher, scored, prompts, kvcache, dynamo, floor)
     finally:
         for server in servers:
             server.stop()
@@ -630,6 +645,7 @@ def _measure(  # noqa: PLR0917 (private; one call site)
     prompts: Sequence[list[int]],
     kvcache: Server,
     dynamo: Server | None,
+    floor: Server,
 ) -> dict[str, Any]:
     rounds = _wait_ready(publisher, scored, kvcache, dynamo)
     kv_bodies = [json.dumps({"token_ids": t, "model": MODEL}).encode() for t in prompts]
@@ -649,6 +665,9 @@ def _measure(  # noqa: PLR0917 (private; one call site)
         "kvcache_c4": (http(kvcache.port, kv_requests, kvcache_check, 4), True),
         "in_process_idle": (in_process, False),
         "kvcache_c1_idle": (http(kvcache.port, kv_requests, kvcache_check, 1), False),
+        # The same requests to a server that only reads them: what moving the bytes costs.
+        "floor_c1": (http(floor.port, kv_requests, floor_check, 1), True),
+        "floor_c1_idle": (http(floor.port, kv_requests, floor_check, 1), False),
     }
     if dynamo is not None:
         conditions["dynamo_c1"] = (http(dynamo.port, dyn_requests, dynamo_check, 1), True)
@@ -766,6 +785,14 @@ def _summary(
         "wrk_kvcache_p50_over_dynamo": ratio("kvcache_c1_wrk", "dynamo_c1_wrk"),
         "pinned_kvcache_p50_over_dynamo": ratio("kvcache_c1_pinned", "dynamo_c1_pinned"),
         "wrk_http_p50_over_in_process": ratio("kvcache_c1_wrk", "in_process"),
+        # What kvcache adds beyond moving the bytes (HTTP p50 - the null server's p50, per
+        # repeat), against the in-process score: the server's own overhead plus the scoring.
+        "transport_floor_p50_ms": conditions["floor_c1"]["p50_ms"],
+        "http_over_floor_ms": _overhead(windows["kvcache_c1"], windows["floor_c1"]),
+        "http_over_floor_over_in_process": _share(windows, "kvcache_c1", "floor_c1", "in_process"),
+        "idle_http_over_floor_over_in_process": _share(
+            windows, "kvcache_c1_idle", "floor_c1_idle", "in_process_idle"
+        ),
         "errors": sum(c["errors"] for c in conditions.values()),
         "kvcache_pods_identity": sum(p["hash_mode"] == "identity" for p in pods),
         "kvcache_pods": len(pods),
@@ -783,6 +810,16 @@ def _overhead(http: list[dict[str, Any]], in_process: list[dict[str, Any]]) -> f
     if any(h["p50_ms"] is None for h, _ in pairs):
         return None
     return median([h["p50_ms"] - i["p50_ms"] for h, i in pairs])
+
+
+def _share(
+    windows: dict[str, list[dict[str, Any]]], http: str, floor: str, base: str
+) -> float | None:
+    """Median over repeats of (http p50 - floor p50) / base p50."""
+    triples = list(zip(windows[http], windows[floor], windows[base], strict=True))
+    if any(None in (h["p50_ms"], f["p50_ms"], b["p50_ms"]) for h, f, b in triples):
+        return None
+    return median([(h["p50_ms"] - f["p50_ms"]) / b["p50_ms"] for h, f, b in triples])
 
 
 def main() -> None:

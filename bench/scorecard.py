@@ -289,6 +289,24 @@ def _load_rows(load: dict[str, Any] | None) -> list[tuple[str, str, str]]:
             "n/a" if load.get("http_overhead_ms") is None else f"{load['http_overhead_ms']:.2f} ms",
             f"{x(load.get('http_overhead_over_in_process'))} in-process p50 (target <= 2x)",
         ),
+        *(
+            [
+                (
+                    "Transport floor: the same requests to a null server, p50 / p99, ingest",
+                    ms("floor_c1"),
+                    "kvcache's p50 - this = "
+                    + (
+                        "n/a"
+                        if load.get("http_over_floor_ms") is None
+                        else f"{load['http_over_floor_ms']:.2f} ms"
+                    )
+                    + f" = {x(load.get('http_over_floor_over_in_process'))} in-process p50 "
+                    f"({x(load.get('idle_http_over_floor_over_in_process'))} with no ingest)",
+                )
+            ]
+            if "floor_c1" in cond
+            else []
+        ),
         (
             "HTTP /score_tokens 8k p50 / p99, no ingest",
             ms("kvcache_c1_idle"),
