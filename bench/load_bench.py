@@ -174,6 +174,7 @@ class LoadResult:
             "throughput_rps": len(ok) / self.seconds,
             "p50_ms": percentile(ok, 0.5) * 1e3 if ok else None,
             "p99_ms": percentile(ok, 0.99) * 1e3 if ok else None,
+            "mean_ms": sum(ok) / len(ok) * 1e3 if ok else None,
         }
 
 
@@ -532,8 +533,16 @@ def _metric(server: Server, name: str) -> float:
     status, body = server.get("/metrics")
     if status != 200:
         raise RuntimeError(f"/metrics answered {status}")
-    match = re.search(rf"^{name} (\S+)$", body.decode(), re.MULTILINE)
+    match = re.search(rf"^{re.escape(name)} (\S+)$", body.decode(), re.MULTILINE)
     return float(match.group(1)) if match else 0.0
+
+
+_SCORED = 'kvcache_http_request_duration_seconds_{}{{route="/score_tokens",status="200"}}'
+
+
+def _served(kvcache: Server) -> tuple[float, float]:
+    """kvcache's own time answering /score_tokens so far: (seconds, requests), from /metrics."""
+    return _metric(kvcache, _SCORED.format("sum")), _metric(kvcache, _SCORED.format("count"))
 
 
 def _ingested(kvcache: Server) -> float:
@@ -700,17 +709,21 @@ def _measure(  # noqa: PLR0917 (private; one call site)
     floors: dict[str, list[float]] = {"kvcache_healthz": [], "dynamo_health": []}
     for _ in range(sizes.repeats):
         for name, (measure, paced) in conditions.items():
-            if not paced:
-                windows[name].append(measure().figures())
-                continue
-            publisher.send(cmd="paced", blocks_per_s=RATE, seconds=window + 2 * LEAD_IN_S)
-            time.sleep(LEAD_IN_S)
-            before, t0 = _ingested(kvcache), time.monotonic()
+            timed = name.startswith("kvcache_c1")  # kvcache's own time, from its /metrics
+            if paced:
+                publisher.send(cmd="paced", blocks_per_s=RATE, seconds=window + 2 * LEAD_IN_S)
+                time.sleep(LEAD_IN_S)
+                before, t0 = _ingested(kvcache), time.monotonic()
+            served = _served(kvcache) if timed else (0.0, 0.0)
             figures = measure().figures()
-            figures["kvcache_ingest_blocks_per_s"] = (_ingested(kvcache) - before) / (
-                time.monotonic() - t0
-            )
-            publisher.reply()
+            if timed:
+                spent, answered = (b - a for a, b in zip(served, _served(kvcache), strict=True))
+                figures["server_mean_ms"] = spent / answered * 1e3 if answered else None
+            if paced:
+                figures["kvcache_ingest_blocks_per_s"] = (_ingested(kvcache) - before) / (
+                    time.monotonic() - t0
+                )
+                publisher.reply()
             windows[name].append(figures)
         floors["kvcache_healthz"].append(_floor(kvcache, "/healthz", sizes.floor_requests))
         if dynamo is not None:
@@ -729,13 +742,14 @@ def _summary(
         values = [w[key] for w in windows[name]]
         return None if None in values else median(values)
 
-    def ratio(a: str, b: str, key: str = "p50_ms") -> float | None:
+    def ratio(a: str, b: str, key: str = "p50_ms", b_key: str | None = None) -> float | None:
         if a not in windows or b not in windows:
             return None
+        other = b_key or key
         pairs = list(zip(windows[a], windows[b], strict=True))
-        if any(x[key] is None or y[key] is None for x, y in pairs):
+        if any(x.get(key) is None or y.get(other) is None for x, y in pairs):
             return None  # a window without one successful request
-        return median([x[key] / y[key] for x, y in pairs])
+        return median([x[key] / y[other] for x, y in pairs])
 
     conditions = {
         name: {
@@ -788,6 +802,15 @@ def _summary(
         # What kvcache adds beyond moving the bytes (HTTP p50 - the null server's p50, per
         # repeat), against the in-process score: the server's own overhead plus the scoring.
         "transport_floor_p50_ms": conditions["floor_c1"]["p50_ms"],
+        # kvcache's own time per answer (request read in full -> response ready, its /metrics)
+        # against the in-process score, both means: what the server adds, without the wire.
+        "server_mean_ms": med("kvcache_c1", "server_mean_ms"),
+        "server_mean_over_in_process": ratio(
+            "kvcache_c1", "in_process", "server_mean_ms", "mean_ms"
+        ),
+        "idle_server_mean_over_in_process": ratio(
+            "kvcache_c1_idle", "in_process_idle", "server_mean_ms", "mean_ms"
+        ),
         "http_over_floor_ms": _overhead(windows["kvcache_c1"], windows["floor_c1"]),
         "http_over_floor_over_in_process": _share(windows, "kvcache_c1", "floor_c1", "in_process"),
         "idle_http_over_floor_over_in_process": _share(

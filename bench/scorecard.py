@@ -307,6 +307,18 @@ def _load_rows(load: dict[str, Any] | None) -> list[tuple[str, str, str]]:
             if "floor_c1" in cond
             else []
         ),
+        *(
+            [
+                (
+                    "kvcache's own time per score (request read -> response ready), ingest",
+                    f"{load['server_mean_ms']:.2f} ms mean",
+                    f"{x(load.get('server_mean_over_in_process'))} in-process mean "
+                    f"({x(load.get('idle_server_mean_over_in_process'))} with no ingest)",
+                )
+            ]
+            if load.get("server_mean_ms") is not None
+            else []
+        ),
         (
             "HTTP /score_tokens 8k p50 / p99, no ingest",
             ms("kvcache_c1_idle"),
@@ -509,6 +521,20 @@ def _load_checks(load: dict[str, Any]) -> list[Check]:
             load.get("http_overhead_over_in_process"),
             ("<=", 2.0),
             _x,
+        ),
+        *(
+            [
+                _check(
+                    "load",
+                    "kvcache's own time per score (its /metrics: request read -> response ready)"
+                    " / in-process, means, during ingest: the server's overhead <= 2x",
+                    load["server_mean_over_in_process"],
+                    ("<=", 3.0),
+                    _x,
+                )
+            ]
+            if load.get("server_mean_over_in_process") is not None
+            else []
         ),
         _check(
             "load",

@@ -45,6 +45,7 @@ _MEMORY = "index (in-process only)"
 _READ = "read path"
 _INGEST = "ingest"
 _TOKENS = "tokenization"
+_HTTP = "HTTP API"
 
 FAMILIES: tuple[Family, ...] = (
     # -- the index, upstream's names -----------------------------------------------------------
@@ -281,6 +282,15 @@ FAMILIES: tuple[Family, ...] = (
     ),
     Family("kvcache_tokenization_loaded_tokenizers", "gauge", (), _TOKENS, "Tokenizers loaded"),
     Family("kvcache_tokenization_tokenizer_loads", "counter", (), _TOKENS, "Tokenizer loads"),
+    # -- the HTTP API ----------------------------------------------------------------------------
+    Family(
+        "kvcache_http_request_duration_seconds",
+        "histogram",
+        ("route", "status"),
+        _HTTP,
+        "From a request read in full to its response ready, by route (the path, /pods/{pod}, or "
+        "unmatched) and status code",
+    ),
 )
 
 _BY_NAME = {family.name: family for family in FAMILIES}
@@ -347,12 +357,27 @@ def _histogram(name: str, snapshot: Mapping[str, Any] | None) -> HistogramMetric
     return family
 
 
+def _labelled_histograms(
+    name: str, snapshots: Mapping[tuple[str, ...], Mapping[str, Any]]
+) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(name, _BY_NAME[name].help, labels=list(_BY_NAME[name].labels))
+    for labels, snapshot in sorted(snapshots.items()):
+        family.add_metric(list(labels), snapshot["buckets"], snapshot["sum"])
+    return family
+
+
 class KVCacheCollector(Collector):
     """Every family of `FAMILIES` whose source is present, built from current statistics."""
 
-    def __init__(self, indexer_stats: Stats, ingest_stats: Stats | None = None) -> None:
+    def __init__(
+        self,
+        indexer_stats: Stats,
+        ingest_stats: Stats | None = None,
+        http_stats: Stats | None = None,
+    ) -> None:
         self._indexer_stats = indexer_stats
         self._ingest_stats = ingest_stats
+        self._http_stats = http_stats
 
     def collect(self) -> Iterator[Any]:
         """Build every family from the current statistics."""
@@ -361,6 +386,9 @@ class KVCacheCollector(Collector):
         yield from _tokenization_families(stats.get("tokenization", {}))
         if self._ingest_stats is not None:
             yield from _ingest_families(self._ingest_stats())
+        if self._http_stats is not None:
+            requests = self._http_stats().get("requests", {})
+            yield _labelled_histograms("kvcache_http_request_duration_seconds", requests)
 
 
 def _index_families(index: Mapping[str, Any], reads: Mapping[str, Any]) -> Iterator[Any]:
@@ -417,14 +445,18 @@ def _ingest_families(stats: Mapping[str, Any]) -> Iterator[Any]:
     yield _labelled("kvcache_pods", stats.get("pods_by_hash_mode", {}))
 
 
-def build_registry(indexer_stats: Stats, ingest_stats: Stats | None = None) -> CollectorRegistry:
+def build_registry(
+    indexer_stats: Stats, ingest_stats: Stats | None = None, http_stats: Stats | None = None
+) -> CollectorRegistry:
     """A fresh registry holding only kvcache's collector (inject it where you expose metrics).
 
     ``indexer_stats`` is `Indexer.statistics` (index, read path and tokenization);
-    ``ingest_stats`` the ingest pipeline's statistics plus ``received`` from the subscriber.
+    ``ingest_stats`` the ingest pipeline's statistics plus ``received`` from the subscriber;
+    ``http_stats`` `HttpApp.statistics` (read at scrape time, so it may name an app built with
+    this registry).
     """
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(KVCacheCollector(indexer_stats, ingest_stats))
+    registry.register(KVCacheCollector(indexer_stats, ingest_stats, http_stats))
     return registry
 
 

@@ -70,7 +70,8 @@ def test_every_catalogued_family_with_its_declared_type() -> None:
         "read_path": {"lookup_latency": histogram.snapshot()},
         "tokenization": {"pool": {"latency": histogram.snapshot()}},
     }
-    text = generate_latest(build_registry(lambda: indexer, dict)).decode()
+    http = {"requests": {("/score_tokens", "200"): histogram.snapshot()}}
+    text = generate_latest(build_registry(lambda: indexer, dict, lambda: http)).decode()
     exposed = {f.name: f.type for f in text_string_to_metric_families(text)}
     assert exposed == {family.name: family.kind for family in FAMILIES}
     assert 'kvcache_index_lookup_latency_seconds_bucket{le="2.5e-05"} 1.0' in text
@@ -78,3 +79,5 @@ def test_every_catalogued_family_with_its_declared_type() -> None:
     assert 'kvcache_index_lookup_latency_seconds_bucket{le="5.0"} 2.0' in text
     assert "kvcache_index_lookup_latency_seconds_count 2.0" in text
     assert "kvcache_index_healthy 1.0" in text
+    route = 'route="/score_tokens",status="200"'
+    assert f'kvcache_http_request_duration_seconds_bucket{{le="5.0",{route}}} 2.0' in text

@@ -29,6 +29,7 @@ from kvcache.events.schema import AllBlocksCleared, BlockRemoved, BlockStored, E
 from kvcache.index.redis import RedisIndex
 from kvcache.indexer import Indexer
 from kvcache.metrics import FAMILIES, build_registry, markdown_table
+from kvcache.service.http import HttpApp, Request
 from kvcache.tokenization import (
     PoolOverloadedError,
     TokenizationTimeoutError,
@@ -133,9 +134,13 @@ def test_in_process_families_move_under_real_operations() -> None:
         if drain:  # the queues hold 2 messages: apply one at a time
             assert pipeline.drain()
 
+    apps: list[HttpApp] = []
     registry = build_registry(
-        indexer.statistics, lambda: {**pipeline.statistics(), "received": submitted[0]}
+        indexer.statistics,
+        lambda: {**pipeline.statistics(), "received": submitted[0]},
+        lambda: apps[0].statistics(),  # noqa: PLW0108 (the app is made after the registry)
     )
+    apps.append(HttpApp(indexer, registry))
     watch = Watch(registry)
     assert set(watch.baseline) == {f.name for f in FAMILIES} - SHARED  # all there, from the start
 
@@ -190,6 +195,10 @@ def test_in_process_families_move_under_real_operations() -> None:
     finally:
         release.set()
     _wait(lambda: text.pool.statistics()["in_flight"] == 0)
+    # -- the HTTP API
+    assert apps[0].respond(Request("GET", "/healthz", [])) == apps[0].respond(
+        Request("GET", "/healthz", [])
+    )
     watch.scrape()
 
     assert first.token_ids and watch.last["kvcache_index_max_keys"] == 1000
@@ -208,6 +217,7 @@ def test_in_process_families_move_under_real_operations() -> None:
     assert final["kvcache_tokenization_requests"] == 4
     assert final["kvcache_tokenization_rejected"] == 1
     assert final["kvcache_tokenization_timeouts"] == 1
+    assert final["kvcache_http_request_duration_seconds"] == 2
 
 
 @pytest.fixture

@@ -63,7 +63,9 @@ class Service:
                 discovery,
             )
             self.discovery = KubernetesPodSource(discovery, self.reconciler)
-        self.registry = build_registry(self.indexer.statistics, self.ingest_statistics)
+        self.registry = build_registry(
+            self.indexer.statistics, self.ingest_statistics, self.http_statistics
+        )
         self.pods: PodInspector = IngestPods(self.pipeline, self.indexer.index)
         self.http = HttpApp(
             self.indexer,
@@ -153,6 +155,11 @@ class Service:
         if self.discovery is not None:
             self.discovery.stop()
         self.pipeline.stop()
+
+    def http_statistics(self) -> dict[str, Any]:
+        """The HTTP API's request durations (`HttpApp.statistics`; the app is made after the
+        registry it reports to)."""
+        return self.http.statistics()
 
     def banner(self, http_address: str | None = None) -> str:
         """Where the service listens (``http_address``: as bound), and how to point vLLM at it."""

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -28,6 +29,7 @@ from prometheus_client.registry import CollectorRegistry
 
 from kvcache.errors import KVCacheError
 from kvcache.hashing import TokenIds
+from kvcache.histogram import LatencyHistogram
 from kvcache.indexer import Indexer, ScoreDetail
 from kvcache.scoring import normalize_scores
 from kvcache.service.http_models import (
@@ -167,6 +169,27 @@ class HttpApp:
             "/pods": {"GET": self._list_pods},
         }
         self._pod_routes: dict[str, Handler] = {"GET": self._get_pod, "DELETE": self._clear_pod}
+        # (route, status) -> time from a request read in full to its response ready. Observed
+        # and read on the serving loop only (/metrics is one of its routes): no lock.
+        self._durations: dict[tuple[str, str], LatencyHistogram] = {}
+
+    def statistics(self) -> dict[str, Any]:
+        """``{"requests": {(route, status): histogram snapshot}}`` (kvcache.metrics)."""
+        return {"requests": {key: h.snapshot() for key, h in list(self._durations.items())}}
+
+    def _observe(self, request: Request, status: int, started: float) -> None:
+        path = request.path
+        if path in self._routes:
+            route = path
+        elif path.startswith("/pods/") and len(path) > len("/pods/"):
+            route = "/pods/{pod}"
+        else:
+            route = "unmatched"  # any other path: one series, whatever clients send
+        key = (route, str(status))
+        histogram = self._durations.get(key)
+        if histogram is None:
+            histogram = self._durations[key] = LatencyHistogram()
+        histogram.observe(time.perf_counter() - started)
 
     # -- serving ----------------------------------------------------------------------------------
 
@@ -187,6 +210,7 @@ class HttpApp:
     def respond(self, request: Request) -> Outcome:
         """The response to a request that passed `precheck`: the response itself when the route
         never waits, else an awaitable of it. Never raises (a bug is a logged 500)."""
+        started = time.perf_counter()
         try:
             handler = self._route(request.method, request.path)
             if request.method == "POST":
@@ -196,20 +220,26 @@ class HttpApp:
                     outcome = handler(request)
             else:
                 outcome = handler(request)
-            if isinstance(outcome, tuple):
-                return outcome
+            if not isinstance(outcome, tuple):
+                return self._finish(request, outcome, started)
         except Exception as exc:
-            return self._failure(request, exc)
-        return self._finish(request, outcome)
+            outcome = self._failure(request, exc)
+        self._observe(request, outcome[0], started)
+        return outcome
 
-    async def _finish(self, request: Request, pending: Awaitable[Response]) -> Response:
+    async def _finish(
+        self, request: Request, pending: Awaitable[Response], started: float
+    ) -> Response:
         try:
             if request.method == "POST":
                 with self.indexer.read_priority.reading(), self._caller_trace(request.headers):
-                    return await pending
-            return await pending
+                    response = await pending
+            else:
+                response = await pending
         except Exception as exc:
-            return self._failure(request, exc)
+            response = self._failure(request, exc)
+        self._observe(request, response[0], started)
+        return response
 
     def _failure(self, request: Request, exc: Exception) -> Response:
         if isinstance(exc, _HttpError):

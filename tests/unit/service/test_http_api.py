@@ -20,11 +20,13 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tokenization"))
 
 import models
+from prometheus_client import generate_latest
 from prometheus_client.registry import CollectorRegistry
 
 from kvcache.blocks import PodEntry
 from kvcache.config import Config
 from kvcache.indexer import Indexer
+from kvcache.metrics import build_registry
 from kvcache.service.app import Service
 from kvcache.service.http import HttpApp
 from kvcache.service.openapi import render_spec
@@ -536,3 +538,25 @@ def test_score_tokens_lora_takes_the_adapter_path_from_the_config() -> None:
     )
     unknown = call(app, "POST", "/score_tokens", {"token_ids": tokens, "model": "m", "lora": "y"})
     assert unknown.status == 400 and "lora" in unknown.json()["error"]
+
+
+def test_request_durations_by_route_and_status(indexer: Indexer) -> None:
+    app = HttpApp(indexer, CollectorRegistry())
+    call(app, "POST", "/score_tokens", {"token_ids": list(range(20))})
+    call(app, "POST", "/score_tokens", {"token_ids": [-1]})
+    call(app, "GET", "/pods/10.0.0.7:8000")
+    call(app, "GET", "/no/such/path")
+    call(app, "GET", "/readyz")  # a route that waits: observed when its answer is ready
+    counts = {key: s["count"] for key, s in app.statistics()["requests"].items()}
+    assert counts == {
+        ("/score_tokens", "200"): 1,
+        ("/score_tokens", "400"): 1,
+        ("/pods/{pod}", "501"): 1,
+        ("unmatched", "404"): 1,
+        ("/readyz", "200"): 1,
+    }
+    scrape = generate_latest(build_registry(indexer.statistics, None, app.statistics)).decode()
+    assert (
+        'kvcache_http_request_duration_seconds_count{route="/score_tokens",status="200"} 1.0'
+        in scrape
+    )
