@@ -272,7 +272,14 @@ def serve(config: Config) -> None:
         loop.call_soon_threadsafe(stop.set)
 
     async def run() -> None:
-        server = HttpServer(service.http, config.http.host, config.http.port)
+        http = config.http
+        server = HttpServer(
+            service.http,
+            http.host,
+            http.port,
+            keepalive_timeout=http.keepalive_timeout_seconds,
+            shutdown_timeout=http.shutdown_timeout_seconds,
+        )
         await server.start()
         print(service.banner(http_address=server.address), flush=True)
         await stop.wait()
