@@ -138,9 +138,12 @@ class HttpConfig(_Section, frozen=True):
     max_pods: PositiveInt = 10_000
     """Most candidate pods a request may name; more get 400."""
     keepalive_timeout_seconds: Annotated[float, msgspec.Meta(gt=0.0)] = 120.0
-    """An idle keep-alive connection is closed after this long (also a request head or body
-    that stops arriving). Above Go's default client idle timeout (90 s), so a Go caller drops
-    an idle connection before kvcache closes it and never sends a request on a closing one."""
+    """An idle keep-alive connection is closed after this long (also a body that stops
+    arriving, and a client that stops reading its answers). Above Go's default client idle
+    timeout (90 s), so a Go caller drops an idle connection before kvcache closes it and never
+    sends a request on a closing one."""
+    head_timeout_seconds: Annotated[float, msgspec.Meta(gt=0.0)] = 10.0
+    """A request's head must arrive whole within this long of its first byte (slowloris)."""
     shutdown_timeout_seconds: Annotated[float, msgspec.Meta(ge=0.0)] = 20.0
     """On SIGTERM, requests in progress get this long to finish before connections close
     (then ingest drains): within Kubernetes' default 30 s grace period."""

@@ -278,6 +278,7 @@ def serve(config: Config) -> None:
             http.host,
             http.port,
             keepalive_timeout=http.keepalive_timeout_seconds,
+            head_timeout=http.head_timeout_seconds,
             shutdown_timeout=http.shutdown_timeout_seconds,
         )
         await server.start()

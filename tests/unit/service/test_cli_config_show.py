@@ -41,6 +41,9 @@ def test_defaults_are_printed_in_full() -> None:
         "token": None,
         "max_tokens": 1 << 20,
         "max_pods": 10_000,
+        "keepalive_timeout_seconds": 120.0,
+        "head_timeout_seconds": 10.0,
+        "shutdown_timeout_seconds": 20.0,
     }
     assert data["events"]["zmq_bind"] == ["tcp://*:5557"]
     assert data["logging"] == {"format": "text", "level": "info"}

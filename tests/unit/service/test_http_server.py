@@ -35,10 +35,16 @@ class Running:
         asyncio.run_coroutine_threadsafe(self.server.shutdown(), self.loop).result(30)
 
 
-def serve(app_factory: Callable[[Indexer], HttpApp], **server_args: Any) -> Iterator[Running]:
+def serve(
+    app_factory: Callable[[Indexer], HttpApp],
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop,
+    **server_args: Any,
+) -> Iterator[Running]:
+    """The server on its own loop in a thread (asyncio's loop, or ``loop_factory``'s: `kvcache
+    serve` runs on uvloop's, whose transports differ in what they do on their own)."""
     indexer = Indexer()
     app = app_factory(indexer)
-    loop = asyncio.new_event_loop()
+    loop = loop_factory()
     server = HttpServer(app, "127.0.0.1", 0, **server_args)
     loop.run_until_complete(server.start())
     thread = threading.Thread(target=loop.run_forever, daemon=True)
