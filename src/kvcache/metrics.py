@@ -289,7 +289,7 @@ FAMILIES: tuple[Family, ...] = (
         ("route", "status"),
         _HTTP,
         "From a request read in full to its response ready, by route (the path, /pods/{pod}, or "
-        "unmatched) and status code",
+        "unmatched) and status code; a request refused before it was read counts 0",
     ),
 )
 

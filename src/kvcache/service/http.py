@@ -177,8 +177,12 @@ class HttpApp:
         """``{"requests": {(route, status): histogram snapshot}}`` (kvcache.metrics)."""
         return {"requests": {key: h.snapshot() for key, h in list(self._durations.items())}}
 
-    def _observe(self, request: Request, status: int, started: float) -> None:
-        path = request.path
+    def count_refusal(self, path: str, status: int) -> None:
+        """Count a request the server refused before the app saw it (a malformed request, a
+        head or body over its limit); ``path`` is "" when not known yet. Its duration is 0."""
+        self._observe(path, status, time.perf_counter())
+
+    def _observe(self, path: str, status: int, started: float) -> None:
         if path in self._routes:
             route = path
         elif path.startswith("/pods/") and len(path) > len("/pods/"):
@@ -204,6 +208,7 @@ class HttpApp:
                 if name == b"content-length" and value.isdigit() and int(value) > limit:
                     raise _HttpError(413, f"body larger than {limit} bytes")
         except _HttpError as exc:
+            self.count_refusal(path, exc.status)
             return _error(exc)
         return None
 
@@ -224,7 +229,7 @@ class HttpApp:
                 return self._finish(request, outcome, started)
         except Exception as exc:
             outcome = self._failure(request, exc)
-        self._observe(request, outcome[0], started)
+        self._observe(request.path, outcome[0], started)
         return outcome
 
     async def _finish(
@@ -238,7 +243,7 @@ class HttpApp:
                 response = await pending
         except Exception as exc:
             response = self._failure(request, exc)
-        self._observe(request, response[0], started)
+        self._observe(request.path, response[0], started)
         return response
 
     def _failure(self, request: Request, exc: Exception) -> Response:
@@ -261,6 +266,7 @@ class HttpApp:
             except _ClientGoneError:
                 return
             except _HttpError as exc:
+                self.count_refusal(path, exc.status)
                 response = _error(exc)
             else:
                 outcome = self.respond(Request(method, path, headers, body))

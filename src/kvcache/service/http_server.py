@@ -153,7 +153,8 @@ class _Connection(asyncio.Protocol):
         self.app = server.app
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
-        self.queue: collections.deque[tuple[Request, bool] | _Refusal] = collections.deque()
+        # (request, keep alive, HTTP/1.0) or a refusal, in arrival order
+        self.queue: collections.deque[tuple[Request, bool, bool] | _Refusal] = collections.deque()
         self.task: asyncio.Task[None] | None = None  # answering a request that waits
         self.timer: asyncio.TimerHandle | None = None
         self.closing = False  # close once the answers owed are written
@@ -297,7 +298,8 @@ class _Connection(asyncio.Protocol):
             return
         body = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
         request = Request(self.method, self.path, self.headers, body)
-        self.queue.append((request, self.parser.should_keep_alive()))
+        legacy = self.parser.get_http_version() == "1.0"
+        self.queue.append((request, self.parser.should_keep_alive(), legacy))
         self.chunks = []
         if len(self.queue) >= MAX_PIPELINED:
             self._pause()
@@ -308,6 +310,7 @@ class _Connection(asyncio.Protocol):
         # Before its head is parsed a request's method is not known (self.method is the last
         # one's): the refusal then keeps its body, even for a HEAD (the connection closes).
         known = self.in_request and not self.in_head
+        self.app.count_refusal(self.path if known else "", status)
         self._queue_refusal(self.method if known else "", _error(status, message))
 
     def _queue_refusal(self, method: str, response: Response) -> None:
@@ -327,6 +330,7 @@ class _Connection(asyncio.Protocol):
         if isinstance(last, tuple) and last[0].headers is self.headers and _has_body(last[0]):
             self.queue.pop()
             message = "a request that asks to upgrade the connection cannot have a body here"
+            self.app.count_refusal(last[0].path, 400)
             self._queue_refusal(last[0].method, _error(400, message))
         elif last is None and self.task is None and self.transport is not None:
             self.transport.close()  # nothing owed (a request begun while shutting down)
@@ -338,13 +342,13 @@ class _Connection(asyncio.Protocol):
             if isinstance(item, _Refusal):
                 self._write(item.method, item.response, keep_alive=False, linger=True)
                 return
-            request, keep_alive = item
+            request, keep_alive, legacy = item
             outcome = self.app.respond(request)
             if isinstance(outcome, tuple):
-                self._write(request.method, outcome, keep_alive)
+                self._write(request.method, outcome, keep_alive, legacy)
             else:
                 self.task = asyncio.get_running_loop().create_task(
-                    self._answer_later(request, keep_alive, outcome)
+                    self._answer_later(request, keep_alive, legacy, outcome)
                 )
                 return
         if self.transport is None or self.transport.is_closing() or self.finished:
@@ -362,16 +366,21 @@ class _Connection(asyncio.Protocol):
             self.transport.resume_reading()
 
     async def _answer_later(
-        self, request: Request, keep_alive: bool, pending: Awaitable[Response]
+        self, request: Request, keep_alive: bool, legacy: bool, pending: Awaitable[Response]
     ) -> None:
         response = await pending  # HttpApp answers its own errors
         self.task = None
         if self.transport is not None and not self.transport.is_closing():
-            self._write(request.method, response, keep_alive)
+            self._write(request.method, response, keep_alive, legacy)
             self._answer()
 
     def _write(
-        self, method: str, response: Response, keep_alive: bool, linger: bool = False
+        self,
+        method: str,
+        response: Response,
+        keep_alive: bool,
+        legacy: bool = False,
+        linger: bool = False,
     ) -> None:
         assert self.transport is not None
         status, body, headers = response
@@ -380,7 +389,10 @@ class _Connection(asyncio.Protocol):
         parts = [_status_line(status), self.server.clock.header()]
         parts.extend(name + b": " + value + b"\r\n" for name, value in headers)
         parts.append(b"content-length: %d\r\n" % len(body))
-        parts.append(b"\r\n" if keep_alive else b"connection: close\r\n\r\n")
+        if not keep_alive:
+            parts.append(b"connection: close\r\n\r\n")
+        else:  # HTTP/1.0 closes unless told otherwise (ApacheBench -k waits for this)
+            parts.append(b"connection: keep-alive\r\n\r\n" if legacy else b"\r\n")
         if method != "HEAD":
             parts.append(body)
         self.transport.write(b"".join(parts))

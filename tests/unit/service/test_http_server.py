@@ -254,10 +254,11 @@ def test_http_1_0_closes_unless_asked_to_keep_alive(running: Running) -> None:
         assert reader.closed()
     with running.connect() as sock:
         reader = Reader(sock)
-        sock.sendall(get("/healthz", "Connection: keep-alive", version="1.0"))
-        assert reader.response()[0] == 200
-        sock.sendall(get("/healthz", "Connection: keep-alive", version="1.0"))
-        assert reader.response()[0] == 200
+        for _ in range(2):
+            sock.sendall(get("/healthz", "Connection: keep-alive", version="1.0"))
+            status, headers, _ = reader.response()
+            # an HTTP/1.0 client closes unless the answer says otherwise
+            assert status == 200 and headers["connection"] == "keep-alive"
 
 
 def test_idle_connections_are_closed() -> None:
@@ -311,3 +312,25 @@ def test_shutdown_finishes_requests_in_progress_then_refuses(running: Running) -
 def test_address_names_the_bound_port(running: Running) -> None:
     assert running.server.port > 0
     assert running.server.address == f"http://127.0.0.1:{running.server.port}"
+
+
+def test_refusals_are_counted_in_the_request_metrics() -> None:
+    factory = lambda indexer: HttpApp(indexer, CollectorRegistry(), token="t")  # noqa: E731
+    for running in serve(factory):
+        app = running.server.app
+        with running.connect() as sock:
+            sock.sendall(b"NOT HTTP\r\n\r\n")
+            assert Reader(sock).response()[0] == 400
+        with running.connect() as sock:
+            sock.sendall(post("/score_tokens", b"{}"))  # no bearer token
+            assert Reader(sock).response()[0] == 401
+        with running.connect() as sock:
+            sock.sendall(get("/healthz", f"X-Big: {'a' * MAX_HEAD_BYTES}"))
+            assert Reader(sock).response()[0] == 431
+        time.sleep(0.1)  # the server counts on its loop
+        counts = {key: s["count"] for key, s in app.statistics()["requests"].items()}
+        assert counts == {
+            ("unmatched", "400"): 1,
+            ("/score_tokens", "401"): 1,
+            ("unmatched", "431"): 1,  # refused before its head was parsed
+        }
