@@ -34,6 +34,15 @@ class Running:
     def shutdown(self) -> None:
         asyncio.run_coroutine_threadsafe(self.server.shutdown(), self.loop).result(30)
 
+    def settle(self, state: Callable[[Any], bool], timeout: float = 30.0) -> None:
+        """Wait until a connection of the server is in ``state`` (the server reads on its own
+        loop, later than the client sends when the machine is busy); the timeout only bounds a
+        failure."""
+        deadline = time.monotonic() + timeout
+        while not any(state(c) for c in list(self.server.connections)):
+            assert time.monotonic() < deadline, "the server never got there"
+            time.sleep(0.005)
+
 
 def serve(
     app_factory: Callable[[Indexer], HttpApp],
@@ -281,7 +290,7 @@ def test_client_gone_mid_request_leaves_the_server_serving(running: Running) -> 
     READY.clear()
     with running.connect() as sock:
         sock.sendall(get("/readyz"))
-        time.sleep(0.1)
+        running.settle(lambda c: c.task is not None)
     READY.set()
     with running.connect() as sock:
         sock.sendall(get("/healthz"))
@@ -295,7 +304,7 @@ def test_shutdown_finishes_requests_in_progress_then_refuses(running: Running) -
         idle.sendall(get("/healthz"))
         assert idle_reader.response()[0] == 200
         busy.sendall(get("/readyz"))
-        time.sleep(0.1)
+        running.settle(lambda c: c.task is not None)  # /readyz is waiting
         stopping = asyncio.run_coroutine_threadsafe(running.server.shutdown(), running.loop)
         time.sleep(0.2)
         assert idle_reader.closed()  # nothing owed: closed at once
@@ -327,7 +336,6 @@ def test_refusals_are_counted_in_the_request_metrics() -> None:
         with running.connect() as sock:
             sock.sendall(get("/healthz", f"X-Big: {'a' * MAX_HEAD_BYTES}"))
             assert Reader(sock).response()[0] == 431
-        time.sleep(0.1)  # the server counts on its loop
         counts = {key: s["count"] for key, s in app.statistics()["requests"].items()}
         assert counts == {
             ("unmatched", "400"): 1,

@@ -216,7 +216,7 @@ def test_a_refusal_waits_for_the_answer_before_it(running: Running) -> None:
     big = b"POST /score_tokens HTTP/1.1\r\nContent-Length: 999999999\r\n\r\n"
     with running.connect() as sock:
         sock.sendall(get("/readyz") + big + get("/healthz"))
-        time.sleep(0.1)
+        running.settle(lambda c: c.task is not None and c.finished)  # waiting, refusal queued
         READY.set()
         reader = Reader(sock)
         assert reader.response()[0] == 200
@@ -240,9 +240,9 @@ def test_shutdown_answers_no_request_begun_after_it(running: Running) -> None:
     READY.clear()
     with running.connect() as sock:
         sock.sendall(get("/readyz"))
-        time.sleep(0.1)
+        running.settle(lambda c: c.task is not None)
         stopping = asyncio.run_coroutine_threadsafe(running.server.shutdown(), running.loop)
-        time.sleep(0.1)
+        running.settle(lambda c: c.closing)
         sock.sendall(get("/healthz"))
         time.sleep(0.1)
         READY.set()
@@ -258,7 +258,7 @@ def test_shutdown_lets_a_half_received_request_finish(running: Running) -> None:
     with running.connect() as sock:
         request = get("/healthz")
         sock.sendall(request[:10])
-        time.sleep(0.1)
+        running.settle(lambda c: c.in_request)
         stopping = asyncio.run_coroutine_threadsafe(running.server.shutdown(), running.loop)
         time.sleep(0.1)
         assert not stopping.done()
@@ -276,7 +276,7 @@ def test_shutdown_drops_what_outlives_its_deadline(loop_factory: LoopFactory) ->
         for running in serve(plain, loop_factory, shutdown_timeout=0.2):
             with running.connect() as sock:
                 sock.sendall(get("/readyz"))
-                time.sleep(0.1)
+                running.settle(lambda c: c.task is not None)
                 running.shutdown()  # returns: the deadline passed, the connection dropped
                 assert not running.server.connections
                 with pytest.raises(ConnectionError):
@@ -291,7 +291,7 @@ def test_a_half_closed_client_gets_every_answer_owed(running: Running) -> None:
     with running.connect() as sock:
         sock.sendall(get("/readyz") + get("/healthz") + get("/nope"))
         sock.shutdown(socket.SHUT_WR)
-        time.sleep(0.1)  # the EOF arrives while /readyz waits
+        running.settle(lambda c: c.eof)  # the EOF arrives while /readyz waits
         READY.set()
         reader = Reader(sock)
         answers = [reader.response() for _ in range(3)]
@@ -305,7 +305,7 @@ def test_shutdown_answers_every_request_already_read(running: Running) -> None:
     READY.clear()
     with running.connect() as sock:
         sock.sendall(get("/readyz") + get("/healthz") + get("/nope"))
-        time.sleep(0.1)
+        running.settle(lambda c: c.task is not None and len(c.queue) == 2)
         stopping = asyncio.run_coroutine_threadsafe(running.server.shutdown(), running.loop)
         time.sleep(0.1)
         READY.set()
@@ -367,10 +367,15 @@ def test_a_pipelined_flood_is_answered_in_order_once_the_client_reads(running: R
     count = 100_000
     with running.connect() as sock:
         sender = Sender(sock, (get("/healthz") + get("/nope")) * (count // 2))
-        time.sleep(0.5)
-        # Its answers backed up: the server stopped reading, holding at most one read's
-        # requests (asyncio and uvloop read 256 KiB at a time).
+        # Its answers back up until the server stops reading, holding at most one read's
+        # requests (asyncio and uvloop read 256 KiB at a time). How soon depends on the
+        # machine's load: wait for it (the deadline only bounds a failure).
+        deadline = time.monotonic() + 30
+        while not running.server.connections and time.monotonic() < deadline:
+            time.sleep(0.01)  # accepted by the kernel before the server's loop sees it
         connection = next(iter(running.server.connections))
+        while (connection.reading or connection.writable) and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert not connection.reading and not connection.writable
         assert len(connection.queue) <= 256 * 1024 // len(get("/nope")) + MAX_PIPELINED
         reader = Reader(sock)
