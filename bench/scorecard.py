@@ -511,10 +511,14 @@ def _redis_checks(redis: dict[str, Any]) -> list[Check]:
 
 
 def _load_checks(load: dict[str, Any]) -> list[Check]:
-    ratio = load.get("http_p50_over_in_process")
-    name = "HTTP /score_tokens p50 / in-process p50, during ingest"
+    def ratio(name: str, key: str, threshold: tuple[str, float]) -> list[Check]:
+        """The check, or none when this run did not measure it (no wrk, no Dynamo, ...)."""
+        value = load.get(key)
+        return [] if value is None else [_check("load", name, value, threshold, _x)]
+
+    ratio_name = "HTTP /score_tokens p50 / in-process p50, during ingest"
     return [
-        _check("load", name, ratio, ("<=", 2.0), _x),
+        _check("load", ratio_name, load.get("http_p50_over_in_process"), ("<=", 2.0), _x),
         _check(
             "load",
             "HTTP overhead (HTTP p50 - in-process p50) / in-process p50, during ingest",
@@ -522,19 +526,11 @@ def _load_checks(load: dict[str, Any]) -> list[Check]:
             ("<=", 2.0),
             _x,
         ),
-        *(
-            [
-                _check(
-                    "load",
-                    "kvcache's own time per score (its /metrics: request read -> response ready)"
-                    " / in-process, means, during ingest: the server's overhead <= 2x",
-                    load["server_mean_over_in_process"],
-                    ("<=", 3.0),
-                    _x,
-                )
-            ]
-            if load.get("server_mean_over_in_process") is not None
-            else []
+        *ratio(
+            "kvcache's own time per score (its /metrics: request read -> response ready)"
+            " / in-process, means, during ingest: the server's overhead <= 2x",
+            "server_mean_over_in_process",
+            ("<=", 3.0),
         ),
         _check(
             "load",
@@ -543,31 +539,11 @@ def _load_checks(load: dict[str, Any]) -> list[Check]:
             ("<", 1.0),
             _x,
         ),
-        *(
-            [
-                _check(
-                    "load",
-                    "the same, both driven by wrk",
-                    load["wrk_kvcache_p50_over_dynamo"],
-                    ("<", 1.0),
-                    _x,
-                )
-            ]
-            if load.get("wrk_kvcache_p50_over_dynamo") is not None
-            else []
-        ),
-        *(
-            [
-                _check(
-                    "load",
-                    "the same, idle, client and servers pinned to one core",
-                    load["pinned_kvcache_p50_over_dynamo"],
-                    ("<", 1.0),
-                    _x,
-                )
-            ]
-            if load.get("pinned_kvcache_p50_over_dynamo") is not None
-            else []
+        *ratio("the same, both driven by wrk", "wrk_kvcache_p50_over_dynamo", ("<", 1.0)),
+        *ratio(
+            "the same, idle, client and servers pinned to one core",
+            "pinned_kvcache_p50_over_dynamo",
+            ("<", 1.0),
         ),
         _check("load", "HTTP errors", load.get("errors"), ("==", 0), lambda v: f"{v:.0f}"),
     ]

@@ -250,7 +250,7 @@ class HttpApp:
         if isinstance(exc, _HttpError):
             return _error(exc)
         log.error("internal error on %s %s", request.method, request.path, exc_info=exc)
-        return 500, _encode({"error": "internal server error"}), _JSON
+        return error_response(500, "internal server error")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """ASGI entry point (the path comes percent-decoded from the server)."""
@@ -500,8 +500,13 @@ class HttpApp:
                 return b"".join(chunks)
 
 
+def error_response(status: int, message: str, headers: Headers | None = None) -> Response:
+    """The API's error answer: ``{"error": message}`` as JSON (also the server's refusals)."""
+    return status, _encode({"error": message}), _JSON + (headers or [])
+
+
 def _error(exc: _HttpError) -> Response:
-    return exc.status, _encode({"error": str(exc)}), _JSON + exc.headers
+    return error_response(exc.status, str(exc), exc.headers)
 
 
 def _scored(detail: ScoreDetail, pods: list[str] | None, model: str) -> Response:

@@ -33,9 +33,8 @@ from typing import cast
 from urllib.parse import unquote
 
 import httptools
-import msgspec
 
-from kvcache.service.http import Headers, HttpApp, Request, Response
+from kvcache.service.http import Headers, HttpApp, Request, Response, error_response
 
 log = logging.getLogger("kvcache.service.http")
 
@@ -45,7 +44,6 @@ MAX_PIPELINED = 32
 """Requests parsed ahead of their answer on one connection before reading pauses."""
 LINGER_SECONDS = 2.0
 """After a refusal, how long what the client still sends is read and dropped before closing."""
-_JSON = [(b"content-type", b"application/json")]
 _STATUS_LINES = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
 """Made once: formatting one per response cost ~0.6 us."""
 
@@ -60,10 +58,6 @@ def _has_body(request: Request) -> bool:
         name == b"transfer-encoding" or (name == b"content-length" and value != b"0")
         for name, value in request.headers
     )
-
-
-def _error(status: int, message: str) -> Response:
-    return status, msgspec.json.encode({"error": message}), list(_JSON)
 
 
 class _Clock:
@@ -311,7 +305,7 @@ class _Connection(asyncio.Protocol):
         # one's): the refusal then keeps its body, even for a HEAD (the connection closes).
         known = self.in_request and not self.in_head
         self.app.count_refusal(self.path if known else "", status)
-        self._queue_refusal(self.method if known else "", _error(status, message))
+        self._queue_refusal(self.method if known else "", error_response(status, message))
 
     def _queue_refusal(self, method: str, response: Response) -> None:
         self.skip_body = True
@@ -331,7 +325,7 @@ class _Connection(asyncio.Protocol):
             self.queue.pop()
             message = "a request that asks to upgrade the connection cannot have a body here"
             self.app.count_refusal(last[0].path, 400)
-            self._queue_refusal(last[0].method, _error(400, message))
+            self._queue_refusal(last[0].method, error_response(400, message))
         elif last is None and self.task is None and self.transport is not None:
             self.transport.close()  # nothing owed (a request begun while shutting down)
 
